@@ -1,0 +1,4 @@
+"""`python -m mirror` runs the command line."""
+from mirror.cli import main
+
+raise SystemExit(main())

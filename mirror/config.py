@@ -1,0 +1,216 @@
+"""Configuration: embedded defaults < TOML file < MIRROR_* environment < command-line flags.
+
+Everything is validated at start so a typo is refused with the file, the key and
+the reason, instead of surfacing as a strange failure on the first pull.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+DEFAULT_UPSTREAMS = {
+    "docker.io": "https://registry-1.docker.io",
+    "ghcr.io": "https://ghcr.io",
+    "quay.io": "https://quay.io",
+    "registry.k8s.io": "https://registry.k8s.io",
+    "gcr.io": "https://gcr.io",
+    "public.ecr.aws": "https://public.ecr.aws",
+    "mcr.microsoft.com": "https://mcr.microsoft.com",
+}
+
+
+class ConfigError(Exception):
+    """A refused setting: where it came from, which key, and why."""
+
+    def __init__(self, source: str, key: str, reason: str) -> None:
+        super().__init__(f"{source}: {key}: {reason}")
+        self.source, self.key, self.reason = source, key, reason
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    name: str
+    url: str
+    tag_ttl: float = 600.0
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "0.0.0.0:5000"
+    data_dir: str = "./mirror-data"
+    default_upstream: str = "docker.io"
+    log_level: str = "info"
+    shutdown_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    max_size: str = "80%"
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    upstreams: Mapping[str, UpstreamConfig] = field(
+        default_factory=lambda: {n: UpstreamConfig(n, u) for n, u in DEFAULT_UPSTREAMS.items()}
+    )
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return split_listen(self.server.listen)
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?", re.IGNORECASE)
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def parse_duration(value: object) -> float:
+    """`"10m"`, `"30s"`, `"500ms"`, `"1h"`, `"7d"` or a number of seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    m = _DURATION_RE.fullmatch(str(value).strip()) if isinstance(value, str) else None
+    if not m:
+        raise ValueError(f"expected a duration like 30s, 10m, 1h or 7d, got {value!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_size(value: str) -> tuple[int | None, float | None]:
+    """`"200GiB"` → (bytes, None); `"80%"` → (None, 0.8)."""
+    text = str(value).strip()
+    if text.endswith("%"):
+        try:
+            pct = float(text[:-1])
+        except ValueError:
+            pct = -1
+        if not 0 < pct <= 100:
+            raise ValueError(f"expected a percentage between 0 and 100, got {value!r}")
+        return None, pct / 100
+    m = _SIZE_RE.fullmatch(text)
+    if not m:
+        raise ValueError(f"expected a size like 200GiB, 500MB or 80%, got {value!r}")
+    unit = (m.group(2) or "B").upper()
+    power = "BKMGT".index(unit[0])
+    base = 1024 if "I" in unit else 1000
+    return int(float(m.group(1)) * base**power), None
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {listen!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _check_url(url: object) -> str:
+    parts = urlsplit(str(url))
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
+    return str(url).rstrip("/")
+
+
+def _build(cls: type, raw: Mapping[str, Any], source: str, section: str, **extra: Any) -> Any:
+    """Build a section dataclass from raw values, refusing unknown keys and bad values."""
+    known = {f.name: f for f in fields(cls)} 
+    values: dict[str, Any] = dict(extra)
+    for key, value in raw.items():
+        where = f"{section}.{key}"
+        if key not in known or key in extra:
+            raise ConfigError(source, where, f"unknown key (known: {', '.join(k for k in known if k not in extra)})")
+        try:
+            values[key] = _convert(key, value)
+        except ValueError as exc:
+            raise ConfigError(source, where, str(exc)) from None
+    return cls(**values)
+
+
+def _convert(key: str, value: Any) -> Any:
+    if key.endswith("ttl") or key.endswith("timeout"):
+        return parse_duration(value)
+    if key == "url":
+        return _check_url(value)
+    if key == "listen":
+        split_listen(str(value))
+    if key == "max_size":
+        parse_size(str(value))
+    if key == "log_level" and str(value).lower() not in _LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(_LOG_LEVELS)}, got {value!r}")
+    if not isinstance(value, (str, int, float, bool)):
+        raise ValueError(f"expected a string or number, got {type(value).__name__}")
+    return value
+
+
+def load(
+    path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, str] | None = None,
+) -> Config:
+    """Read the file (if any), apply `MIRROR_<SECTION>_<KEY>` variables, then `overrides`."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = path
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(path, "-", "file not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(path, "-", f"cannot read: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(path, "-", f"not valid TOML: {exc}") from None
+    for key in raw:
+        if key not in ("server", "cache", "upstreams"):
+            raise ConfigError(source, key, "unknown section (known: server, cache, upstreams)")
+        if not isinstance(raw[key], dict):
+            raise ConfigError(source, key, "expected a table")
+    server_raw = dict(raw.get("server", {}))
+    cache_raw = dict(raw.get("cache", {}))
+    env_sources: dict[str, str] = {}
+    for name, value in (env if env is not None else os.environ).items():
+        for section, target in (("SERVER", server_raw), ("CACHE", cache_raw)):
+            prefix = f"MIRROR_{section}_"
+            if name.startswith(prefix):
+                target[name[len(prefix):].lower()] = value
+                env_sources[name[len(prefix):].lower()] = name
+    server_raw.update(overrides or {})
+
+    def section(cls: type, data: dict[str, Any], name: str) -> Any:
+        try:
+            return _build(cls, data, source, name)
+        except ConfigError as exc:
+            key = exc.key.split(".", 1)[1]
+            if key in env_sources:
+                raise ConfigError(f"environment {env_sources[key]}", exc.key, exc.reason) from None
+            raise
+
+    server = section(ServerConfig, server_raw, "server")
+    cache = section(CacheConfig, cache_raw, "cache")
+    upstreams = Config().upstreams
+    if "upstreams" in raw:
+        upstreams = {}
+        for name, table in raw["upstreams"].items():
+            if not isinstance(table, dict):
+                raise ConfigError(source, f"upstreams.{name}", "expected a table")
+            if "url" not in table:
+                raise ConfigError(source, f"upstreams.{name}.url", "missing (e.g. url = \"https://ghcr.io\")")
+            upstreams[name] = _build(UpstreamConfig, table, source, f"upstreams.{name}", name=name)
+    if server.default_upstream not in upstreams:
+        raise ConfigError(
+            source, "server.default_upstream",
+            f"{server.default_upstream!r} is not a configured upstream (configured: {', '.join(upstreams)})",
+        )
+    return Config(server=server, cache=cache, upstreams=upstreams)
+
+
+def with_server(config: Config, **changes: Any) -> Config:
+    """A copy of `config` with some server settings changed (tests and the CLI)."""
+    return replace(config, server=replace(config.server, **changes))

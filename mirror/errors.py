@@ -1,0 +1,106 @@
+"""OCI error bodies: every failure a client sees is rendered here, once."""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Awaitable, Callable
+
+from aiohttp import web
+
+log = logging.getLogger("mirror")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class RegistryError(Exception):
+    """A failure with an OCI error code, an HTTP status and a message for the client."""
+
+    def __init__(
+        self,
+        code: str,
+        status: int,
+        message: str,
+        detail: object = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+        self.message = message
+        self.detail = detail
+        self.headers = headers or {}
+
+
+def name_invalid(name: str, why: str) -> RegistryError:
+    return RegistryError("NAME_INVALID", 400, f"invalid repository name {name!r}: {why}")
+
+
+def name_unknown(message: str) -> RegistryError:
+    return RegistryError("NAME_UNKNOWN", 404, message)
+
+
+def digest_invalid(digest: str, why: str) -> RegistryError:
+    return RegistryError("DIGEST_INVALID", 400, f"invalid digest {digest!r}: {why}")
+
+
+def manifest_unknown(ref: str) -> RegistryError:
+    return RegistryError("MANIFEST_UNKNOWN", 404, f"manifest unknown: {ref}")
+
+
+def blob_unknown(digest: str) -> RegistryError:
+    return RegistryError("BLOB_UNKNOWN", 404, f"blob unknown: {digest}")
+
+
+def unsupported(message: str) -> RegistryError:
+    return RegistryError("UNSUPPORTED", 405, message)
+
+
+def error_body(code: str, message: str, detail: object = None) -> bytes:
+    err: dict[str, object] = {"code": code, "message": message}
+    if detail is not None:
+        err["detail"] = detail
+    return json.dumps({"errors": [err]}).encode()
+
+
+def error_response(err: RegistryError) -> web.Response:
+    return web.Response(
+        status=err.status,
+        body=error_body(err.code, err.message, err.detail),
+        content_type="application/json",
+        headers=err.headers,
+    )
+
+
+_HTTP_CODES = {
+    400: "UNSUPPORTED",
+    401: "UNAUTHORIZED",
+    403: "DENIED",
+    404: "NAME_UNKNOWN",
+    405: "UNSUPPORTED",
+    416: "RANGE_INVALID",
+    429: "TOOMANYREQUESTS",
+}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn domain errors, router errors and crashes into OCI JSON bodies."""
+    try:
+        return await handler(request)
+    except RegistryError as err:
+        request["result"] = request.get("result", "error")
+        return error_response(err)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "UNKNOWN")
+        message = exc.reason if exc.status != 404 else "not found"
+        if exc.status == 405:
+            message = "method not allowed"
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "content-range")}
+        request["result"] = "error"
+        return error_response(RegistryError(code, exc.status, message, headers=headers))
+    except Exception:
+        log.exception("unhandled error serving %s %s", request.method, request.path)
+        request["result"] = "error"
+        return error_response(RegistryError("UNKNOWN", 500, "internal error; see the mirror's log"))

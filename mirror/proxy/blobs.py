@@ -1,0 +1,149 @@
+"""Blobs: hits are files sent with sendfile; misses join one shared upstream fetch.
+
+Content present on disk but not yet linked to the requested repository is
+confirmed with one upstream HEAD in that repository before it is served, so a
+digest is never reachable through a repository upstream does not hold it in.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+from aiohttp import web
+
+from mirror.errors import RegistryError
+from mirror.proxy.inflight import Fetch, FetchFailed, Inflight
+from mirror.storage.blobs import ContentStore
+from mirror.storage.metadata import Metadata
+from mirror.upstream.client import Upstream, UpstreamError
+
+log = logging.getLogger("mirror.blobs")
+
+
+def parse_range(request: web.Request, size: int | None) -> tuple[int, int] | None:
+    """The single byte range asked for, as [start, end); None for the whole blob."""
+    if "Range" not in request.headers or size is None:
+        return None
+    try:
+        rng = request.http_range
+    except ValueError:
+        raise _range_error(f"malformed Range header {request.headers['Range'][:100]!r}", size) from None
+    start, stop = rng.start, rng.stop
+    if start is None:
+        return None
+    if start < 0:
+        start = max(size + start, 0)
+        stop = size
+    stop = size if stop is None else min(stop, size)
+    if start >= size or start >= stop:
+        raise _range_error(f"range {request.headers['Range'][:100]!r} is outside the blob's {size} bytes", size)
+    return start, stop
+
+
+def _range_error(message: str, size: int) -> RegistryError:
+    return RegistryError("RANGE_INVALID", 416, message, headers={"Content-Range": f"bytes */{size}"})
+
+
+def _headers(digest: str) -> dict[str, str]:
+    return {
+        "Docker-Content-Digest": digest,
+        "ETag": f'"{digest}"',
+        "Content-Type": "application/octet-stream",
+        "Accept-Ranges": "bytes",
+        "Cache-Control": "max-age=31536000",
+    }
+
+
+class BlobService:
+    def __init__(
+        self, store: ContentStore, metadata: Metadata, inflight: Inflight, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.store = store
+        self.metadata = metadata
+        self.inflight = inflight
+        self.clock = clock
+
+    async def serve(self, request: web.Request, upstream: Upstream, repo: str, digest: str) -> web.StreamResponse:
+        head = request.method == "HEAD"
+        fetch = self.inflight.join(digest)
+        if fetch is None and (size := self.store.size(digest)) is not None:
+            if not await self.metadata.is_linked(upstream.name, repo, digest):
+                await self._confirm(upstream, repo, digest)
+            return self._hit(request, digest, size)
+        if fetch is None and head:
+            return await self._head_miss(request, upstream, repo, digest)
+        if fetch is None:
+            request["result"] = "miss"
+            fetch = self.inflight.start(upstream, repo, digest, self._stored)
+        else:
+            request["result"] = "coalesced"
+        try:
+            if (fetch.upstream, fetch.repo) != (upstream.name, repo):
+                await self._confirm(upstream, repo, digest)
+            return await self._stream(request, fetch, head)
+        finally:
+            fetch.leave()
+
+    async def _confirm(self, upstream: Upstream, repo: str, digest: str) -> None:
+        """One upstream HEAD: does `repo` really hold `digest`? Then link it."""
+        try:
+            await upstream.head_blob(repo, digest)
+        except UpstreamError as exc:
+            raise exc.to_registry_error("BLOB_UNKNOWN") from None
+        await self.metadata.link(upstream.name, repo, [digest])
+
+    def _hit(self, request: web.Request, digest: str, size: int) -> web.StreamResponse:
+        request["result"] = "hit"
+        self.metadata.touch(digest, self.clock())
+        parse_range(request, size)
+        headers = _headers(digest)
+        if f'"{digest}"' in request.headers.get("If-None-Match", ""):
+            return web.Response(status=304, headers=headers)
+        return web.FileResponse(self.store.path(digest), headers=headers)
+
+    async def _head_miss(self, request: web.Request, upstream: Upstream, repo: str, digest: str) -> web.Response:
+        request["result"] = "miss"
+        try:
+            size = await upstream.head_blob(repo, digest)
+        except UpstreamError as exc:
+            raise exc.to_registry_error("BLOB_UNKNOWN") from None
+        resp = web.Response(status=200, headers=_headers(digest))
+        if size is not None:
+            resp.content_length = size
+        return resp
+
+    async def _stored(self, fetch: Fetch) -> None:
+        now = self.clock()
+        await self.metadata.add_content(fetch.digest, fetch.written, None, "blob", now)
+        await self.metadata.link(fetch.upstream, fetch.repo, [fetch.digest])
+
+    async def _stream(self, request: web.Request, fetch: Fetch, head: bool) -> web.StreamResponse:
+        """Send the blob from the growing file: headers once upstream answered, bytes as they land."""
+        try:
+            await fetch.wait_started()
+        except UpstreamError as exc:
+            raise exc.to_registry_error("BLOB_UNKNOWN") from None
+        except FetchFailed as exc:
+            raise RegistryError("UNAVAILABLE", 503, str(exc)) from None
+        rng = parse_range(request, fetch.size)
+        resp = web.StreamResponse(status=206 if rng else 200, headers=_headers(fetch.digest))
+        start, end = rng or (0, fetch.size)
+        if rng:
+            resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{fetch.size}"
+        if end is not None:
+            resp.content_length = end - start
+        await resp.prepare(request)
+        if head:
+            return resp
+        try:
+            async for chunk in fetch.read(start, end):
+                await resp.write(chunk)
+        except FetchFailed as exc:
+            log.warning("aborting %s %s: %s", request.method, request.path, exc)
+            if request.transport is not None:
+                request.transport.abort()
+            request["result"] = "error"
+            return resp
+        await resp.write_eof()
+        return resp

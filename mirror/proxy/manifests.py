@@ -1,0 +1,210 @@
+"""Manifests: immutable by digest, cached by tag with a TTL, revalidated with HEAD.
+
+A fresh tag costs no upstream request; a stale one costs one HEAD (which Docker
+Hub does not count against pull limits) and a GET only when the digest moved to
+content we do not hold. When upstream is down, failing or rate-limiting, the
+stale copy is served instead of an error.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from cachetools import LRUCache
+
+from mirror.errors import RegistryError
+from mirror.metrics import Metrics
+from mirror.proxy.inflight import SingleFlight
+from mirror.reference import SHA256_RE, ManifestRef
+from mirror.storage.blobs import ContentStore
+from mirror.storage.metadata import Metadata, TagRow
+from mirror.upstream.client import MANIFEST_TYPES, Upstream, UpstreamError
+
+log = logging.getLogger("mirror.manifests")
+
+ACCEPT_ALL = ", ".join(MANIFEST_TYPES)
+MEMORY_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class CachedManifest:
+    digest: str
+    media_type: str
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What to send: a manifest (or, for a HEAD miss, only its headers) and how we got it."""
+
+    digest: str
+    media_type: str
+    size: int
+    body: bytes | None
+    result: str
+
+
+def _answer(m: CachedManifest, result: str) -> Answer:
+    return Answer(m.digest, m.media_type, len(m.body), m.body, result)
+
+
+def referenced_digests(body: bytes) -> list[str]:
+    """Digests a manifest or index points at: config, layers, child manifests, subject."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return []
+    if not isinstance(doc, dict):
+        return []
+    found: list[str] = []
+    for key in ("config", "subject"):
+        if isinstance(doc.get(key), dict):
+            found.append(doc[key].get("digest"))
+    for key in ("layers", "manifests", "blobs"):
+        if isinstance(doc.get(key), list):
+            found.extend(d.get("digest") for d in doc[key] if isinstance(d, dict))
+    return [d for d in found if isinstance(d, str) and SHA256_RE.fullmatch(d)]
+
+
+def accepts(accept_headers: Iterable[str], media_type: str) -> bool:
+    """Whether a client's Accept headers admit `media_type` (no header admits anything)."""
+    types = {t.split(";")[0].strip() for h in accept_headers for t in h.split(",") if t.strip()}
+    return not types or "*/*" in types or media_type in types
+
+
+class ManifestService:
+    def __init__(
+        self, store: ContentStore, metadata: Metadata, metrics: Metrics, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.store = store
+        self.metadata = metadata
+        self.metrics = metrics
+        self.clock = clock
+        self._memory: LRUCache[str, CachedManifest] = LRUCache(MEMORY_BYTES, getsizeof=lambda m: len(m.body))
+        self._flights = SingleFlight()
+
+    async def get(self, upstream: Upstream, repo: str, ref: ManifestRef, accept: list[str], head: bool) -> Answer:
+        try:
+            if ref.digest:
+                answer = await self._by_digest(upstream, repo, ref.digest)
+            else:
+                assert ref.tag is not None
+                answer = await self._by_tag(upstream, repo, ref.tag, head)
+            if not accepts(accept, answer.media_type):
+                return await self._passthrough(upstream, repo, str(ref), accept)
+        except UpstreamError as exc:
+            raise exc.to_registry_error("MANIFEST_UNKNOWN") from None
+        self.metadata.touch(answer.digest, self.clock())
+        return answer
+
+    # -- by digest ---------------------------------------------------------------
+    async def _by_digest(self, upstream: Upstream, repo: str, digest: str) -> Answer:
+        cached = await self._load(digest)
+        if cached is not None:
+            if not await self.metadata.is_linked(upstream.name, repo, digest):
+                await upstream.head_manifest(repo, digest, ACCEPT_ALL)
+                await self.metadata.link(upstream.name, repo, [digest])
+            return _answer(cached, "hit")
+        fetched = await self._flights.do(
+            ("digest", upstream.name, repo, digest), lambda: self._fetch(upstream, repo, digest, digest)
+        )
+        return _answer(fetched, "miss")
+
+    async def _fetch(self, upstream: Upstream, repo: str, ref: str, expected: str | None) -> CachedManifest:
+        """GET from upstream, verify against the digest we expect, store, and link its parts."""
+        got = await upstream.get_manifest(repo, ref, ACCEPT_ALL)
+        digest = "sha256:" + hashlib.sha256(got.body).hexdigest()
+        claimed = expected or got.digest
+        if claimed and claimed != digest:
+            self.metrics.digest_mismatches.labels(upstream.name).inc()
+            log.error("discarded manifest %s:%s from %s: expected %s, content hashes to %s",
+                      repo, ref, upstream.name, claimed, digest)
+            raise RegistryError("MANIFEST_INVALID", 502, f"upstream {upstream.name} sent a manifest that does not match {claimed}")
+        media_type = got.media_type or _declared_type(got.body)
+        if not media_type:
+            raise RegistryError("MANIFEST_INVALID", 502, f"upstream {upstream.name} sent a manifest without a media type")
+        manifest = CachedManifest(digest, media_type, got.body)
+        if self.store.size(digest) is None:
+            self.store.put(digest, got.body)
+        await self.metadata.add_content(digest, len(got.body), media_type, "manifest", self.clock())
+        await self.metadata.link(upstream.name, repo, [digest, *referenced_digests(got.body)])
+        self._memory[digest] = manifest
+        return manifest
+
+    async def _load(self, digest: str) -> CachedManifest | None:
+        cached = self._memory.get(digest)
+        if cached is not None:
+            return cached
+        row = await self.metadata.get_content(digest)
+        body = self.store.read(digest) if row is not None else None
+        if body is None:
+            return None
+        media_type = row.media_type if row and row.media_type else _declared_type(body)
+        if not media_type:
+            return None
+        cached = CachedManifest(digest, media_type, body)
+        self._memory[digest] = cached
+        return cached
+
+    # -- by tag --------------------------------------------------------------------
+    async def _by_tag(self, upstream: Upstream, repo: str, tag: str, head: bool) -> Answer:
+        row = await self.metadata.get_tag(upstream.name, repo, tag)
+        cached = await self._load(row.digest) if row else None
+        if row and cached and self.clock() < row.expires_at:
+            return _answer(cached, "hit")
+        try:
+            return await self._flights.do(
+                ("tag", upstream.name, repo, tag, head and cached is None),
+                lambda: self._revalidate(upstream, repo, tag, row, cached, head),
+            )
+        except UpstreamError as exc:
+            if exc.outage and cached is not None:
+                self.metrics.stale_served.labels(upstream.name, exc.reason).inc()
+                log.warning("serving stale %s/%s:%s (%s): %s", upstream.name, repo, tag, row.digest if row else "", exc.message)
+                return _answer(cached, "stale")
+            raise
+
+    async def _revalidate(
+        self, upstream: Upstream, repo: str, tag: str, row: TagRow | None, cached: CachedManifest | None, head: bool
+    ) -> Answer:
+        """One HEAD; a GET only for content we do not hold. Raises UpstreamError for the caller."""
+        try:
+            probe = await upstream.head_manifest(repo, tag, ACCEPT_ALL)
+        except UpstreamError:
+            if row is not None:
+                self.metrics.tag_revalidations.labels("error").inc()
+            raise
+        known = await self._load(probe.digest) if probe.digest else None
+        if known is None and head and probe.digest and probe.media_type:
+            return Answer(probe.digest, probe.media_type, probe.size or 0, None, "miss")
+        manifest = known or await self._fetch(upstream, repo, probe.digest or tag, probe.digest)
+        if row is not None:
+            self.metrics.tag_revalidations.labels("unchanged" if row.digest == manifest.digest else "changed").inc()
+        now = self.clock()
+        await self.metadata.put_tag(
+            TagRow(upstream.name, repo, tag, manifest.digest, manifest.media_type, now, now + upstream.config.tag_ttl)
+        )
+        if known is not None:
+            await self.metadata.link(upstream.name, repo, [known.digest, *referenced_digests(known.body)])
+        return _answer(manifest, "hit" if known is not None else "miss")
+
+    async def _passthrough(self, upstream: Upstream, repo: str, ref: str, accept: list[str]) -> Answer:
+        """A client that cannot take the cached type gets what upstream gives for its own Accept."""
+        got = await upstream.get_manifest(repo, ref, ", ".join(accept))
+        digest = "sha256:" + hashlib.sha256(got.body).hexdigest()
+        if got.digest and got.digest != digest:
+            raise RegistryError("MANIFEST_INVALID", 502, f"upstream {upstream.name} sent a manifest that does not match {got.digest}")
+        return Answer(digest, got.media_type, len(got.body), got.body, "miss")
+
+
+def _declared_type(body: bytes) -> str | None:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    media_type = doc.get("mediaType") if isinstance(doc, dict) else None
+    return media_type if isinstance(media_type, str) else None

@@ -1,0 +1,126 @@
+"""The content store: verified bytes at paths derived only from validated digests.
+
+Layout: `<root>/content/sha256/<2 hex>/<64 hex>` for blobs and manifests alike,
+`<root>/tmp/` for writes in progress. A file reaches a content path only by an
+atomic rename after its sha256 and size were checked, so a reader never sees a
+partial or unverified file there, whatever instant the process dies at.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from pathlib import Path
+
+from mirror.reference import SHA256_RE
+
+
+class DigestMismatch(Exception):
+    """The bytes written do not hash to the digest (or size) they were fetched for."""
+
+
+class ContentStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.content_dir = root / "content" / "sha256"
+        self.tmp_dir = root / "tmp"
+
+    def prepare(self) -> None:
+        """Create the layout and empty `tmp/`: whatever is there is from a dead process."""
+        self.content_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in self.tmp_dir.iterdir():
+            leftover.unlink(missing_ok=True)
+
+    def path(self, digest: str) -> Path:
+        if not SHA256_RE.fullmatch(digest):
+            raise ValueError(f"refusing to build a path from unvalidated digest {digest!r}")
+        hexpart = digest[7:]
+        return self.content_dir / hexpart[:2] / hexpart
+
+    def size(self, digest: str) -> int | None:
+        """Size of the stored content, or None when it is not stored."""
+        try:
+            return self.path(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def read(self, digest: str) -> bytes | None:
+        try:
+            return self.path(digest).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def put(self, digest: str, data: bytes) -> None:
+        """Store small content (manifests) that is already in memory."""
+        writer = self.writer(digest, len(data))
+        try:
+            writer.write(data)
+            writer.commit()
+        finally:
+            writer.close()
+
+    def writer(self, digest: str, expected_size: int | None = None) -> BlobWriter:
+        return BlobWriter(self, digest, expected_size)
+
+    def remove(self, digest: str) -> None:
+        self.path(digest).unlink(missing_ok=True)
+
+    def iter_digests(self) -> list[str]:
+        """Every digest with a file at its content path (for start-up reconciliation)."""
+        found = []
+        for sub in self.content_dir.iterdir():
+            for f in sub.iterdir():
+                digest = "sha256:" + f.name
+                if SHA256_RE.fullmatch(digest) and f.parent.name == f.name[:2]:
+                    found.append(digest)
+        return found
+
+
+class BlobWriter:
+    """Writes to `tmp/<random>`, hashing as it goes; `commit` verifies, fsyncs and renames."""
+
+    def __init__(self, store: ContentStore, digest: str, expected_size: int | None) -> None:
+        self.store = store
+        self.digest = digest
+        self.expected_size = expected_size
+        self.final_path = store.path(digest)
+        self.tmp_path = store.tmp_dir / f"{digest[7:19]}-{secrets.token_hex(8)}"
+        self._fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self._hash = hashlib.sha256()
+        self.written = 0
+        self._done = False
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append and hash; blocking, so large chunks go through a worker thread."""
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+        self._hash.update(data)
+        self.written += len(data)
+
+    def commit(self) -> None:
+        """Verify size and digest, fsync, then atomically publish at the content path."""
+        if self.expected_size is not None and self.written != self.expected_size:
+            raise DigestMismatch(f"{self.digest}: expected {self.expected_size} bytes, got {self.written}")
+        actual = "sha256:" + self._hash.hexdigest()
+        if actual != self.digest:
+            raise DigestMismatch(f"expected {self.digest}, content hashes to {actual}")
+        os.fsync(self._fd)
+        self.final_path.parent.mkdir(exist_ok=True)
+        os.rename(self.tmp_path, self.final_path)
+        dir_fd = os.open(self.final_path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        self._done = True
+
+    def close(self) -> None:
+        """Release the file; an uncommitted temp file is deleted."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if not self._done:
+            self.tmp_path.unlink(missing_ok=True)

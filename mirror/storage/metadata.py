@@ -1,0 +1,201 @@
+"""SQLite metadata (WAL): what content we hold, tags with their TTLs, and repository links.
+
+Hot lookups (tags, links) are served from in-memory caches in front of the
+database, and access times are batched, so a cache hit never waits on a write.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import aiosqlite
+from cachetools import LRUCache
+
+log = logging.getLogger("mirror.metadata")
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS content (
+    digest TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    media_type TEXT,
+    kind TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    last_access REAL NOT NULL,
+    pinned INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS tags (
+    upstream TEXT NOT NULL,
+    repo TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    media_type TEXT NOT NULL,
+    fetched_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (upstream, repo, tag)
+);
+CREATE TABLE IF NOT EXISTS links (
+    upstream TEXT NOT NULL,
+    repo TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    PRIMARY KEY (upstream, repo, digest)
+);
+CREATE INDEX IF NOT EXISTS links_digest ON links (digest);
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+"""
+
+
+class SchemaTooNew(Exception):
+    """The database was written by a newer version of the mirror."""
+
+
+@dataclass(frozen=True)
+class TagRow:
+    upstream: str
+    repo: str
+    tag: str
+    digest: str
+    media_type: str
+    fetched_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class ContentRow:
+    digest: str
+    size: int
+    media_type: str | None
+    kind: str
+
+
+class Metadata:
+    def __init__(self, path: Path, cache_entries: int = 100_000) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+        self._tags: LRUCache[tuple[str, str, str], TagRow] = LRUCache(cache_entries)
+        self._links: LRUCache[tuple[str, str, str], bool] = LRUCache(cache_entries)
+        self._access: dict[str, float] = {}
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        assert self._db is not None, "Metadata.open() was not called"
+        return self._db
+
+    async def open(self) -> None:
+        self._db = await aiosqlite.connect(self.path)
+        await self.db.execute("PRAGMA journal_mode=WAL")
+        await self.db.execute("PRAGMA synchronous=NORMAL")
+        await self.db.execute("PRAGMA busy_timeout=5000")
+        await self.db.executescript(SCHEMA)
+        async with self.db.execute("SELECT version FROM schema_version") as cur:
+            row = await cur.fetchone()
+        if row is None:
+            await self.db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+        elif row[0] > SCHEMA_VERSION:
+            await self.close()
+            raise SchemaTooNew(
+                f"{self.path} has schema version {row[0]}; this mirror understands up to {SCHEMA_VERSION}"
+            )
+        await self.db.commit()
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self.flush_access()
+            await self._db.close()
+            self._db = None
+
+    # -- tags ---------------------------------------------------------------
+    async def get_tag(self, upstream: str, repo: str, tag: str) -> TagRow | None:
+        key = (upstream, repo, tag)
+        row = self._tags.get(key)
+        if row is not None:
+            return row
+        async with self.db.execute(
+            "SELECT digest, media_type, fetched_at, expires_at FROM tags WHERE upstream=? AND repo=? AND tag=?",
+            key,
+        ) as cur:
+            found = await cur.fetchone()
+        if found is None:
+            return None
+        row = TagRow(upstream, repo, tag, *found)
+        self._tags[key] = row
+        return row
+
+    async def put_tag(self, row: TagRow) -> None:
+        await self.db.execute(
+            "INSERT OR REPLACE INTO tags VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (row.upstream, row.repo, row.tag, row.digest, row.media_type, row.fetched_at, row.expires_at),
+        )
+        await self.db.commit()
+        self._tags[(row.upstream, row.repo, row.tag)] = row
+
+    # -- content and links ----------------------------------------------------
+    async def add_content(self, digest: str, size: int, media_type: str | None, kind: str, now: float) -> None:
+        await self.db.execute(
+            "INSERT INTO content (digest, size, media_type, kind, created_at, last_access) VALUES (?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT(digest) DO UPDATE SET last_access=excluded.last_access,"
+            " media_type=coalesce(content.media_type, excluded.media_type)",
+            (digest, size, media_type, kind, now, now),
+        )
+        await self.db.commit()
+
+    async def get_content(self, digest: str) -> ContentRow | None:
+        async with self.db.execute(
+            "SELECT digest, size, media_type, kind FROM content WHERE digest=?", (digest,)
+        ) as cur:
+            row = await cur.fetchone()
+        return ContentRow(*row) if row else None
+
+    async def link(self, upstream: str, repo: str, digests: Iterable[str]) -> None:
+        new = [d for d in dict.fromkeys(digests) if (upstream, repo, d) not in self._links]
+        if not new:
+            return
+        await self.db.executemany(
+            "INSERT OR IGNORE INTO links VALUES (?, ?, ?)", [(upstream, repo, d) for d in new]
+        )
+        await self.db.commit()
+        for d in new:
+            self._links[(upstream, repo, d)] = True
+
+    async def is_linked(self, upstream: str, repo: str, digest: str) -> bool:
+        key = (upstream, repo, digest)
+        if key in self._links:
+            return True
+        async with self.db.execute(
+            "SELECT 1 FROM links WHERE upstream=? AND repo=? AND digest=?", key
+        ) as cur:
+            found = await cur.fetchone() is not None
+        if found:
+            self._links[key] = True
+        return found
+
+    # -- access times ---------------------------------------------------------
+    def touch(self, digest: str, now: float) -> None:
+        """Record an access in memory; `flush_access` writes them in one batch."""
+        self._access[digest] = now
+
+    async def flush_access(self) -> None:
+        if not self._access or self._db is None:
+            return
+        batch, self._access = self._access, {}
+        await self.db.executemany(
+            "UPDATE content SET last_access=max(last_access, ?) WHERE digest=?",
+            [(t, d) for d, t in batch.items()],
+        )
+        await self.db.commit()
+
+    # -- reconciliation ---------------------------------------------------------
+    async def all_content(self) -> dict[str, int]:
+        async with self.db.execute("SELECT digest, size FROM content") as cur:
+            return {d: s async for d, s in cur}
+
+    async def drop_content(self, digests: Iterable[str]) -> None:
+        batch = [(d,) for d in digests]
+        await self.db.executemany("DELETE FROM content WHERE digest=?", batch)
+        await self.db.executemany("DELETE FROM links WHERE digest=?", batch)
+        await self.db.executemany("DELETE FROM tags WHERE digest=?", batch)
+        await self.db.commit()
+        self._tags.clear()
+        self._links.clear()

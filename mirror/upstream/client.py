@@ -1,0 +1,270 @@
+"""One upstream registry: pooled HTTP, the Bearer token dance, redirects, clear failures.
+
+Timeouts bound connecting and every read (first byte and a stalled body alike),
+so a hung upstream becomes an `UpstreamError` the proxy can serve stale content
+around, never a client that hangs with it.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+from dataclasses import dataclass
+from typing import Mapping
+from urllib.parse import urlencode, urljoin, urlsplit
+
+import aiohttp
+
+from mirror.config import UpstreamConfig
+from mirror.errors import RegistryError
+from mirror.metrics import Metrics
+from mirror.upstream.auth import TokenCache, parse_challenge
+
+log = logging.getLogger("mirror.upstream")
+
+MANIFEST_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+)
+MANIFEST_MAX_BYTES = 4 << 20
+MAX_REDIRECTS = 5
+ANONYMOUS = "anonymous"
+
+
+class UpstreamError(Exception):
+    """The upstream could not be reached (status None) or answered with an error status."""
+
+    def __init__(self, upstream: str, status: int | None, message: str, retry_after: str | None = None) -> None:
+        super().__init__(f"upstream {upstream}: {message}")
+        self.upstream = upstream
+        self.status = status
+        self.message = message
+        self.retry_after = retry_after
+
+    @property
+    def outage(self) -> bool:
+        """Down, failing or rate-limiting: cached content may stand in for an answer."""
+        return self.status is None or self.status >= 500 or self.status == 429
+
+    @property
+    def reason(self) -> str:
+        """A short label for metrics: unreachable, 5xx or ratelimited."""
+        if self.status is None:
+            return "unreachable"
+        return "ratelimited" if self.status == 429 else "5xx"
+
+    def to_registry_error(self, unknown_code: str) -> RegistryError:
+        """The answer a client gets when we have nothing better to give it."""
+        text = f"upstream {self.upstream}: {self.message}"
+        if self.status is None:
+            return RegistryError("UNAVAILABLE", 503, text)
+        if self.status == 404:
+            return RegistryError(unknown_code, 404, text)
+        if self.status == 401:
+            return RegistryError("UNAUTHORIZED", 401, text)
+        if self.status == 403:
+            return RegistryError("DENIED", 403, text)
+        if self.status == 429:
+            headers = {"Retry-After": self.retry_after} if self.retry_after else {}
+            return RegistryError("TOOMANYREQUESTS", 429, text, headers=headers)
+        if self.status >= 500:
+            return RegistryError("UNAVAILABLE", 502, text)
+        return RegistryError("UNKNOWN", self.status, text)
+
+
+@dataclass(frozen=True)
+class ManifestHead:
+    digest: str | None
+    media_type: str
+    size: int | None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    body: bytes
+    media_type: str
+    digest: str | None
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.hostname, parts.port
+
+
+class Upstream:
+    def __init__(self, config: UpstreamConfig, tokens: TokenCache, metrics: Metrics) -> None:
+        self.config = config
+        self.name = config.name
+        self.url = config.url
+        self._tokens = tokens
+        self._metrics = metrics
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300, ssl=ssl.create_default_context()),
+                timeout=aiohttp.ClientTimeout(
+                    total=None,
+                    sock_connect=self.config.connect_timeout,
+                    sock_read=self.config.read_timeout,
+                ),
+                auto_decompress=False,
+                headers={"User-Agent": "mirror/0.1 (pull-through cache)"},
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- requests ---------------------------------------------------------------
+    async def _send(self, method: str, url: str, kind: str, headers: Mapping[str, str]) -> aiohttp.ClientResponse:
+        try:
+            resp = await self.session.request(method, url, headers=headers, allow_redirects=False)
+        except asyncio.TimeoutError:
+            self._count(method, kind, "timeout")
+            raise UpstreamError(self.name, None, f"timed out talking to {urlsplit(url).netloc}") from None
+        except aiohttp.ClientConnectorCertificateError as exc:
+            self._count(method, kind, "error")
+            raise UpstreamError(self.name, None, f"TLS certificate of {exc.host} not trusted: {exc.certificate_error}") from None
+        except aiohttp.ClientConnectorDNSError as exc:
+            self._count(method, kind, "error")
+            raise UpstreamError(self.name, None, f"cannot resolve {exc.host}") from None
+        except aiohttp.ClientConnectorError as exc:
+            self._count(method, kind, "error")
+            raise UpstreamError(self.name, None, f"cannot connect to {exc.host}:{exc.port}: {exc.strerror or exc}") from None
+        except aiohttp.ClientError as exc:
+            self._count(method, kind, "error")
+            raise UpstreamError(self.name, None, f"{type(exc).__name__}: {exc}") from None
+        self._count(method, kind, str(resp.status))
+        return resp
+
+    def _count(self, method: str, kind: str, status: str) -> None:
+        self._metrics.upstream_requests.labels(self.name, method, kind, status).inc()
+
+    async def request(
+        self, method: str, repo: str, path: str, kind: str, headers: Mapping[str, str] | None = None
+    ) -> aiohttp.ClientResponse:
+        """Send to `/v2/<repo>/<path>`, answering a 401 Bearer challenge once; follows redirects."""
+        url = f"{self.url}/v2/{repo}/{path}"
+        hdrs = dict(headers or {})
+        key = (self.name, f"repository:{repo}:pull", ANONYMOUS)
+        token = self._tokens.get(key)
+        if token:
+            hdrs["Authorization"] = f"Bearer {token}"
+        resp = await self._send(method, url, kind, hdrs)
+        if resp.status == 401:
+            challenge = parse_challenge(resp.headers.get("WWW-Authenticate", ""))
+            if challenge and challenge.scheme == "bearer" and challenge.realm:
+                resp.release()
+                self._tokens.drop(key)
+                hdrs["Authorization"] = f"Bearer {await self._fetch_token(challenge.params, key)}"
+                resp = await self._send(method, url, kind, hdrs)
+        return await self._follow(resp, method, kind, url, hdrs)
+
+    async def _follow(
+        self, resp: aiohttp.ClientResponse, method: str, kind: str, url: str, headers: dict[str, str]
+    ) -> aiohttp.ClientResponse:
+        """Follow redirects (blob CDNs); the registry's credentials never go to another origin."""
+        for _ in range(MAX_REDIRECTS):
+            location = resp.headers.get("Location")
+            if resp.status not in (301, 302, 303, 307, 308) or not location:
+                return resp
+            resp.release()
+            target = urljoin(url, location)
+            if _origin(target) != _origin(url):
+                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            url = target
+            resp = await self._send(method, url, kind, headers)
+        resp.release()
+        raise UpstreamError(self.name, 502, f"more than {MAX_REDIRECTS} redirects")
+
+    async def _fetch_token(self, params: Mapping[str, str], key: tuple[str, str, str]) -> str:
+        query = {"scope": params.get("scope") or key[1]}
+        if params.get("service"):
+            query["service"] = params["service"]
+        url = f"{params['realm']}?{urlencode(query)}"
+        resp = await self._send("GET", url, "token", {})
+        async with resp:
+            if resp.status != 200:
+                raise UpstreamError(self.name, resp.status, f"token endpoint {params['realm']} answered {resp.status}")
+            try:
+                data = json.loads(await resp.read())
+                token = data.get("token") or data["access_token"]
+            except (ValueError, KeyError, AttributeError):
+                raise UpstreamError(self.name, 502, f"token endpoint {params['realm']} sent no token") from None
+        self._tokens.put(key, token, data.get("expires_in"))
+        return token
+
+    async def _raise_for(self, resp: aiohttp.ClientResponse, what: str) -> None:
+        """Raise an UpstreamError carrying upstream's own message for a non-2xx answer."""
+        if resp.status < 300:
+            return
+        message = f"{what}: {resp.status} {resp.reason}"
+        try:
+            body = await resp.content.read(8192)
+            errors = json.loads(body).get("errors") or []
+            if errors and errors[0].get("message"):
+                message = f"{what}: {errors[0]['message']}"
+        except (ValueError, AttributeError, aiohttp.ClientError, asyncio.TimeoutError):
+            pass
+        finally:
+            resp.release()
+        raise UpstreamError(self.name, resp.status, message, resp.headers.get("Retry-After"))
+
+    # -- registry operations ---------------------------------------------------
+    async def head_manifest(self, repo: str, ref: str, accept: str) -> ManifestHead:
+        resp = await self.request("HEAD", repo, f"manifests/{ref}", "manifest", {"Accept": accept})
+        await self._raise_for(resp, f"manifest {repo}:{ref}")
+        resp.release()
+        return ManifestHead(
+            resp.headers.get("Docker-Content-Digest"),
+            resp.headers.get("Content-Type", "").split(";")[0].strip(),
+            resp.content_length,
+        )
+
+    async def get_manifest(self, repo: str, ref: str, accept: str) -> Manifest:
+        resp = await self.request("GET", repo, f"manifests/{ref}", "manifest", {"Accept": accept})
+        await self._raise_for(resp, f"manifest {repo}:{ref}")
+        async with resp:
+            if (resp.content_length or 0) > MANIFEST_MAX_BYTES:
+                raise UpstreamError(self.name, 502, f"manifest {repo}:{ref} is larger than {MANIFEST_MAX_BYTES} bytes")
+            try:
+                body = await resp.content.read(MANIFEST_MAX_BYTES + 1)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                raise UpstreamError(self.name, None, f"reading manifest {repo}:{ref}: {exc or 'timed out'}") from None
+        if len(body) > MANIFEST_MAX_BYTES:
+            raise UpstreamError(self.name, 502, f"manifest {repo}:{ref} is larger than {MANIFEST_MAX_BYTES} bytes")
+        self._metrics.upstream_bytes.labels(self.name).inc(len(body))
+        media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
+        return Manifest(body, media_type, resp.headers.get("Docker-Content-Digest"))
+
+    async def head_blob(self, repo: str, digest: str) -> int | None:
+        resp = await self.request("HEAD", repo, f"blobs/{digest}", "blob")
+        await self._raise_for(resp, f"blob {digest}")
+        resp.release()
+        return resp.content_length
+
+    async def open_blob(self, repo: str, digest: str) -> aiohttp.ClientResponse:
+        """A 200 response whose body the caller streams and then releases."""
+        resp = await self.request("GET", repo, f"blobs/{digest}", "blob")
+        await self._raise_for(resp, f"blob {digest}")
+        if resp.status != 200:
+            resp.release()
+            raise UpstreamError(self.name, 502, f"blob {digest}: unexpected status {resp.status}")
+        return resp
+
+    async def get_tags(self, repo: str, query: str) -> tuple[bytes, str | None]:
+        """The tag list body and its `Link` header (pagination)."""
+        path = f"tags/list?{query}" if query else "tags/list"
+        resp = await self.request("GET", repo, path, "tags")
+        await self._raise_for(resp, f"tags of {repo}")
+        async with resp:
+            body = await resp.content.read(MANIFEST_MAX_BYTES)
+        return body, resp.headers.get("Link")
