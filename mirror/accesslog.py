@@ -7,6 +7,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
 from mirror.metrics import Metrics
+from mirror.requestinfo import KIND, RESULT
 
 
 def access_logger_for(metrics: Metrics) -> type[AbstractAccessLogger]:
@@ -14,8 +15,8 @@ def access_logger_for(metrics: Metrics) -> type[AbstractAccessLogger]:
         """`remote method path status bytes duration result`; counts requests and bytes served."""
 
         def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
-            kind = request.get("kind", "other")
-            result = request.get("result") or ("error" if response.status >= 400 else "hit")
+            kind = request.get(KIND, "other")
+            result = request.get(RESULT) or ("error" if response.status >= 400 else "hit")
             size = response.content_length or 0 if request.method == "GET" and response.status < 300 else 0
             if kind != "other" or request.path.startswith("/v2"):
                 metrics.requests.labels(kind, request.method, result).inc()

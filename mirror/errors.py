@@ -6,6 +6,7 @@ import logging
 from typing import Awaitable, Callable
 
 from aiohttp import web
+from mirror.requestinfo import RESULT
 
 log = logging.getLogger("mirror")
 
@@ -88,7 +89,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except RegistryError as err:
-        request["result"] = request.get("result", "error")
+        request[RESULT] = request.get(RESULT, "error")
         return error_response(err)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -98,9 +99,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status == 405:
             message = "method not allowed"
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "content-range")}
-        request["result"] = "error"
+        request[RESULT] = "error"
         return error_response(RegistryError(code, exc.status, message, headers=headers))
     except Exception:
         log.exception("unhandled error serving %s %s", request.method, request.path)
-        request["result"] = "error"
+        request[RESULT] = "error"
         return error_response(RegistryError("UNKNOWN", 500, "internal error; see the mirror's log"))

@@ -13,6 +13,7 @@ from mirror.proxy.manifests import ManifestService
 from mirror.proxy.tags import TagListService
 from mirror.reference import parse_digest, parse_reference
 from mirror.routing import Router
+from mirror.requestinfo import KIND, RESULT
 
 READ_METHODS = ("GET", "HEAD")
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
@@ -41,13 +42,13 @@ def _read_only(request: web.Request) -> None:
 
 
 async def base(request: web.Request) -> web.Response:
-    request["kind"] = "base"
+    request[KIND] = "base"
     _read_only(request)
     return web.json_response({}, headers=API_VERSION)
 
 
-async def manifest(request: web.Request) -> web.Response:
-    request["kind"] = "manifest"
+async def manifest(request: web.Request) -> web.StreamResponse:
+    request[KIND] = "manifest"
     _read_only(request)
     svc = _services(request)
     upstream, repo = svc.router.route(request.match_info["name"], request.query.get("ns"))
@@ -55,7 +56,7 @@ async def manifest(request: web.Request) -> web.Response:
     answer = await svc.manifests.get(
         upstream, repo, ref, request.headers.getall("Accept", []), request.method == "HEAD"
     )
-    request["result"] = answer.result
+    request[RESULT] = answer.result
     headers = {
         "Content-Type": answer.media_type,
         "Docker-Content-Digest": answer.digest,
@@ -64,14 +65,14 @@ async def manifest(request: web.Request) -> web.Response:
     if f'"{answer.digest}"' in request.headers.get("If-None-Match", ""):
         return web.Response(status=304, headers=headers)
     if answer.body is None:
-        resp = web.Response(headers=headers)
+        resp = web.StreamResponse(headers=headers)
         resp.content_length = answer.size
         return resp
     return web.Response(body=answer.body, headers=headers)
 
 
 async def blob(request: web.Request) -> web.StreamResponse:
-    request["kind"] = "blob"
+    request[KIND] = "blob"
     _read_only(request)
     svc = _services(request)
     upstream, repo = svc.router.route(request.match_info["name"], request.query.get("ns"))
@@ -80,20 +81,20 @@ async def blob(request: web.Request) -> web.StreamResponse:
 
 
 async def tags(request: web.Request) -> web.Response:
-    request["kind"] = "tags"
+    request[KIND] = "tags"
     _read_only(request)
     svc = _services(request)
     upstream, repo = svc.router.route(request.match_info["name"], request.query.get("ns"))
     query = "&".join(f"{k}={v}" for k, v in request.query.items() if k in ("n", "last"))
     body, link, result = await svc.tags.get(upstream, repo, query)
-    request["result"] = result
+    request[RESULT] = result
     headers = {"Link": link} if link else {}
     return web.Response(body=body, content_type="application/json", headers=headers)
 
 
 async def other_v2(request: web.Request) -> web.Response:
     """Uploads, deletes and unknown endpoints under /v2/."""
-    request["kind"] = "other"
+    request[KIND] = "other"
     _read_only(request)
     raise RegistryError("NAME_UNKNOWN", 404, f"no such endpoint: {request.path[:200]}")
 

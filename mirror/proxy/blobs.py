@@ -17,6 +17,7 @@ from mirror.proxy.inflight import Fetch, FetchFailed, Inflight
 from mirror.storage.blobs import ContentStore
 from mirror.storage.metadata import Metadata
 from mirror.upstream.client import Upstream, UpstreamError
+from mirror.requestinfo import RESULT
 
 log = logging.getLogger("mirror.blobs")
 
@@ -74,10 +75,10 @@ class BlobService:
         if fetch is None and head:
             return await self._head_miss(request, upstream, repo, digest)
         if fetch is None:
-            request["result"] = "miss"
+            request[RESULT] = "miss"
             fetch = self.inflight.start(upstream, repo, digest, self._stored)
         else:
-            request["result"] = "coalesced"
+            request[RESULT] = "coalesced"
         try:
             if (fetch.upstream, fetch.repo) != (upstream.name, repo):
                 await self._confirm(upstream, repo, digest)
@@ -94,7 +95,7 @@ class BlobService:
         await self.metadata.link(upstream.name, repo, [digest])
 
     def _hit(self, request: web.Request, digest: str, size: int) -> web.StreamResponse:
-        request["result"] = "hit"
+        request[RESULT] = "hit"
         self.metadata.touch(digest, self.clock())
         parse_range(request, size)
         headers = _headers(digest)
@@ -102,13 +103,13 @@ class BlobService:
             return web.Response(status=304, headers=headers)
         return web.FileResponse(self.store.path(digest), headers=headers)
 
-    async def _head_miss(self, request: web.Request, upstream: Upstream, repo: str, digest: str) -> web.Response:
-        request["result"] = "miss"
+    async def _head_miss(self, request: web.Request, upstream: Upstream, repo: str, digest: str) -> web.StreamResponse:
+        request[RESULT] = "miss"
         try:
             size = await upstream.head_blob(repo, digest)
         except UpstreamError as exc:
             raise exc.to_registry_error("BLOB_UNKNOWN") from None
-        resp = web.Response(status=200, headers=_headers(digest))
+        resp = web.StreamResponse(status=200, headers=_headers(digest))
         if size is not None:
             resp.content_length = size
         return resp
@@ -143,7 +144,7 @@ class BlobService:
             log.warning("aborting %s %s: %s", request.method, request.path, exc)
             if request.transport is not None:
                 request.transport.abort()
-            request["result"] = "error"
+            request[RESULT] = "error"
             return resp
         await resp.write_eof()
         return resp

@@ -1,0 +1,70 @@
+"""Fixtures shared by the unit tests: a fake upstream, an injected clock, a mirror in front of them."""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from mirror.app import make_app
+from mirror.config import Config, ServerConfig, UpstreamConfig
+from mirror.routes import SERVICES, Services
+from tests.fakes.registry import FakeRegistry
+
+TAG_TTL = 600.0
+
+
+class FakeClock:
+    """Time that moves only when a test says so."""
+
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class Mirror:
+    client: TestClient
+    clock: FakeClock
+    app: web.Application
+    data_dir: Path
+
+    @property
+    def services(self) -> Services:
+        return self.app[SERVICES]
+
+
+@pytest.fixture
+async def fake_registry() -> AsyncIterator[FakeRegistry]:
+    """A running fake upstream; its base URL is `fake_registry.url`."""
+    registry = FakeRegistry()
+    await registry.start()
+    yield registry
+    await registry.close()
+
+
+def mirror_config(upstream_url: str, data_dir: Path, **upstream: float) -> Config:
+    settings = {"tag_ttl": TAG_TTL, "read_timeout": 2.0, "connect_timeout": 2.0, **upstream}
+    return Config(
+        server=ServerConfig(data_dir=str(data_dir)),
+        upstreams={"docker.io": UpstreamConfig("docker.io", upstream_url, **settings)},
+    )
+
+
+@pytest.fixture
+async def mirror(fake_registry: FakeRegistry, tmp_path: Path, aiohttp_client) -> Mirror:  # type: ignore[no-untyped-def]
+    """The mirror app, docker.io pointing at the fake registry, on an injected clock."""
+    clock = FakeClock()
+    data_dir = tmp_path / "data"
+    assert fake_registry.url
+    app = make_app(mirror_config(fake_registry.url, data_dir), clock=clock)
+    client = await aiohttp_client(app)
+    return Mirror(client, clock, app, data_dir)

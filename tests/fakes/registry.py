@@ -1,0 +1,412 @@
+"""An in-process fake OCI registry + token server: the upstream of the mirror's unit tests.
+
+It keeps content in memory, records every request, and has fault switches (plain attributes)
+that tests flip at any time to make it fail, throttle, corrupt, stall or drop connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Literal, NamedTuple
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from multidict import CIMultiDict
+
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+_IMAGE_TYPES = {  # kind → (manifest, config, layer) media types
+    "schema2": (DOCKER_MANIFEST, "application/vnd.docker.container.image.v1+json",
+                "application/vnd.docker.image.rootfs.diff.tar.gzip"),
+    "oci": (OCI_MANIFEST, "application/vnd.oci.image.config.v1+json",
+            "application/vnd.oci.image.layer.v1.tar+gzip"),
+}
+_INDEX_TYPES = {"list": DOCKER_LIST, "oci-index": OCI_INDEX}
+_STATUS_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 429: "TOOMANYREQUESTS", 503: "UNAVAILABLE"}
+RATELIMIT_WINDOW = 21600  # Docker Hub's window: 6 hours
+
+Kind = Literal["manifest", "blob", "tags", "base", "token", "cdn", "other"]
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class Call(NamedTuple):
+    """One request as the fake saw it, so tests can assert what the mirror sent upstream."""
+
+    method: str
+    path: str
+    kind: Kind
+    headers: CIMultiDict[str]
+    repo: str | None
+
+
+@dataclass
+class Repository:
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    manifests: dict[str, tuple[bytes, str]] = field(default_factory=dict)  # digest → (body, type)
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    digest: str
+    body: bytes
+    media_type: str
+
+
+@dataclass(frozen=True)
+class Image(Manifest):
+    config_digest: str
+    config: bytes
+    layer_digests: list[str]
+    layers: list[bytes]
+    platform: str
+
+
+@dataclass(frozen=True)
+class Token:
+    """An issued bearer token: who asked, for what, and what they actually got."""
+
+    value: str
+    user: str | None
+    service: str | None
+    requested: tuple[str, ...]
+    granted: frozenset[str]  # repository names with pull access
+    expires_at: float
+
+
+def oci_error(status: int, code: str, message: str, **headers: str) -> web.Response:
+    body = json.dumps({"errors": [{"code": code, "message": message, "detail": {}}]})
+    return web.Response(status=status, text=body, content_type="application/json", headers=headers)
+
+
+class FakeRegistry:
+    """Repositories in memory, served over HTTP by an aiohttp app, with switches for faults."""
+
+    def __init__(self) -> None:
+        self.repos: dict[str, Repository] = {}
+        self.requests: list[Call] = []
+        self.url: str | None = None
+        # auth
+        self.require_auth = False
+        self.auth_scheme: Literal["bearer", "basic"] = "bearer"
+        self.users: dict[str, str] = {}
+        self.private: dict[str, set[str]] = {}  # repo → users allowed to pull it
+        self.expires_in = 300
+        self.clock: Callable[[], float] = time.monotonic  # tests replace it to expire tokens
+        self.tokens: dict[str, Token] = {}
+        # CDN redirects
+        self.redirect_blobs = False
+        self.cdn_auth_headers: list[str | None] = []
+        self._signatures: dict[str, tuple[str, str]] = {}  # sig → (repo, digest)
+        # faults: tests flip these at any time
+        self.fail_status: int | None = None  # every /v2/ request answers this status
+        self.rate_limited = False  # manifest and blob GETs → 429 (HEADs are free, as on Hub)
+        self.retry_after = 60
+        self.ratelimit_headers: tuple[int, int] | None = None  # (limit, remaining) on GETs
+        self.corrupt_blobs = False  # one byte flipped, same length
+        self.stall: asyncio.Event | None = None  # blob bodies wait on it after the first chunk
+        self.stall_before_headers = False  # every request waits while this is True
+        self.omit_digest_header = False  # no Docker-Content-Digest on manifests
+        self.omit_content_length = False  # blob GET bodies sent chunked
+        self.chunk_size = 64 * 1024
+        self.chunk_delay = 0.0  # seconds between blob chunks: a slow, streaming upstream
+        self.drop_connection = False  # blob GETs close the connection after half the body
+        self._app: web.Application | None = None
+        self._runner: web.AppRunner | None = None
+
+    # ---- content -------------------------------------------------------------------------
+
+    def add_blob(self, repo: str, data: bytes) -> str:
+        digest = digest_of(data)
+        self.repos.setdefault(repo, Repository()).blobs[digest] = data
+        return digest
+
+    def add_manifest(self, repo: str, body: bytes, media_type: str, tag: str | None = None) -> str:
+        digest = digest_of(body)
+        repository = self.repos.setdefault(repo, Repository())
+        repository.manifests[digest] = (body, media_type)
+        if tag is not None:
+            repository.tags[tag] = digest
+        return digest
+
+    def add_image(self, repo: str, tag: str | None, layers: list[bytes] | int,
+                  kind: Literal["schema2", "oci"] = "schema2",
+                  platform: str = "linux/amd64") -> Image:
+        """Store config, layers and a valid manifest; an int asks for that many random layers."""
+        blobs = [os.urandom(4096) for _ in range(layers)] if isinstance(layers, int) else layers
+        manifest_type, config_type, layer_type = _IMAGE_TYPES[kind]
+        os_, arch = platform.split("/")[:2]
+        config = json.dumps({"architecture": arch, "os": os_, "rootfs": {
+            "type": "layers", "diff_ids": [digest_of(b) for b in blobs]}}).encode()
+        config_digest = self.add_blob(repo, config)
+        layer_digests = [self.add_blob(repo, b) for b in blobs]
+        body = json.dumps({
+            "schemaVersion": 2, "mediaType": manifest_type,
+            "config": {"mediaType": config_type, "size": len(config), "digest": config_digest},
+            "layers": [{"mediaType": layer_type, "size": len(b), "digest": d}
+                       for b, d in zip(blobs, layer_digests)],
+        }, indent=3).encode()
+        digest = self.add_manifest(repo, body, manifest_type, tag)
+        return Image(digest, body, manifest_type, config_digest, config, layer_digests, blobs,
+                     platform)
+
+    def add_index(self, repo: str, tag: str | None, images: list[Image],
+                  kind: Literal["list", "oci-index"] = "list") -> Manifest:
+        media_type = _INDEX_TYPES[kind]
+        entries = []
+        for image in images:
+            os_, arch, *variant = image.platform.split("/")
+            platform = {"architecture": arch, "os": os_} | ({"variant": variant[0]} if variant else {})
+            entries.append({"mediaType": image.media_type, "size": len(image.body),
+                            "digest": image.digest, "platform": platform})
+        body = json.dumps({"schemaVersion": 2, "mediaType": media_type, "manifests": entries},
+                          indent=3).encode()
+        return Manifest(self.add_manifest(repo, body, media_type, tag), body, media_type)
+
+    def set_tag(self, repo: str, tag: str, digest: str) -> None:
+        if digest not in self.repos[repo].manifests:
+            raise KeyError(f"{repo} has no manifest {digest}")
+        self.repos[repo].tags[tag] = digest
+
+    def remove(self, repo: str, ref: str | None = None) -> None:
+        """Delete a tag, content by digest (with the tags pointing at it) or the whole repo."""
+        if ref is None:
+            del self.repos[repo]
+            return
+        repository = self.repos[repo]
+        if not ref.startswith("sha256:"):
+            del repository.tags[ref]
+            return
+        repository.blobs.pop(ref, None)
+        repository.manifests.pop(ref, None)
+        repository.tags = {t: d for t, d in repository.tags.items() if d != ref}
+
+    # ---- request log ---------------------------------------------------------------------
+
+    def count(self, method: str | None = None, kind: Kind | None = None,
+              repo: str | None = None) -> int:
+        return sum(1 for c in self.requests if (method is None or c.method == method)
+                   and (kind is None or c.kind == kind) and (repo is None or c.repo == repo))
+
+    def reset_counts(self) -> None:
+        self.requests.clear()
+        self.cdn_auth_headers.clear()
+
+    # ---- server --------------------------------------------------------------------------
+
+    @property
+    def app(self) -> web.Application:
+        if self._app is None:
+            self._app = self.make_app()
+        return self._app
+
+    def make_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware])
+        app.router.add_get("/v2/", self._base, name="base")
+        app.router.add_get("/v2/{name:.+}/manifests/{ref}", self._manifest, name="manifest")
+        app.router.add_get("/v2/{name:.+}/blobs/{digest}", self._blob, name="blob")
+        app.router.add_get("/v2/{name:.+}/tags/list", self._tags, name="tags")
+        app.router.add_get("/token", self._token, name="token")
+        app.router.add_get("/cdn/{digest}", self._cdn, name="cdn")
+        app.on_response_prepare.append(self._api_version_header)
+        return app
+
+    async def start(self) -> str:
+        """Serve on a free loopback port; handlers are cancelled when the client goes away."""
+        self._runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=0.1)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        return self.url
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # ---- HTTP ----------------------------------------------------------------------------
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Record, then apply the faults and auth every /v2/ endpoint shares, in that order."""
+        kind: Kind = request.match_info.route.name or "other"  # type: ignore[assignment]
+        name = request.match_info.get("name")
+        self.requests.append(Call(request.method, request.path, kind, request.headers.copy(), name))
+        while self.stall_before_headers:
+            await asyncio.sleep(0.01)
+        if request.path.startswith("/v2/"):
+            if self.fail_status is not None:
+                code = _STATUS_CODES.get(self.fail_status, "UNKNOWN")
+                return oci_error(self.fail_status, code, "injected failure")
+            if (denied := self._check_auth(request, name)) is not None:
+                return denied
+            if self.rate_limited and request.method == "GET" and kind in ("manifest", "blob"):
+                return oci_error(429, "TOOMANYREQUESTS", "rate limit exceeded",
+                                 **{"Retry-After": str(self.retry_after)},
+                                 **self._ratelimit(request, 100, 0))
+        return await handler(request)
+
+    async def _api_version_header(self, request: web.Request, response: web.StreamResponse
+                                  ) -> None:
+        if request.path.startswith("/v2/"):
+            response.headers["Docker-Distribution-API-Version"] = "registry/2.0"
+
+    def _check_auth(self, request: web.Request, name: str | None) -> web.Response | None:
+        """401 unless the credentials may pull `name` (a valid token without scope is not enough)."""
+        if not self.require_auth and name not in self.private:
+            return None
+        scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
+        if self.auth_scheme == "basic":
+            user = self._basic_user(credential) if scheme.lower() == "basic" else None
+            if user is not None and (name not in self.private or user in self.private[name]):
+                return None
+            return oci_error(401, "UNAUTHORIZED", "authentication required",
+                             **{"WWW-Authenticate": 'Basic realm="fake"'})
+        token = self.tokens.get(credential) if scheme.lower() == "bearer" else None
+        if token is not None and token.expires_at <= self.clock():
+            token = None  # expired: the client must come back with a new one
+        if token is not None and (name is None or name in token.granted):
+            return None
+        challenge = f'Bearer realm="{request.scheme}://{request.host}/token",service="fake"'
+        if name is not None:
+            challenge += f',scope="repository:{name}:pull"'
+            if token is not None:
+                challenge += ',error="insufficient_scope"'
+        return oci_error(401, "UNAUTHORIZED", "authentication required",
+                         **{"WWW-Authenticate": challenge})
+
+    def _basic_user(self, credential: str) -> str | None:
+        """The user whose Basic credentials these are, or None if they are absent or wrong."""
+        try:
+            user, _, password = base64.b64decode(credential).decode().partition(":")
+        except ValueError:
+            return None
+        return user if user in self.users and self.users[user] == password else None
+
+    def _ratelimit(self, request: web.Request, limit: int, remaining: int) -> dict[str, str]:
+        return {"ratelimit-limit": f"{limit};w={RATELIMIT_WINDOW}",
+                "ratelimit-remaining": f"{remaining};w={RATELIMIT_WINDOW}",
+                "docker-ratelimit-source": request.remote or "127.0.0.1"}
+
+    async def _base(self, request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    async def _token(self, request: web.Request) -> web.Response:
+        """Grant pull on each requested public repo, and on private ones the user may pull."""
+        user = None
+        scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "basic":
+            if (user := self._basic_user(credential)) is None:
+                return web.json_response({"details": "incorrect username or password"}, status=401)
+        requested = tuple(request.query.getall("scope", []))
+        granted = set()
+        for scope in (s for param in requested for s in param.split()):
+            kind, _, rest = scope.partition(":")
+            name, _, actions = rest.rpartition(":")
+            if kind == "repository" and "pull" in actions.split(",") and (
+                    name not in self.private or user in self.private[name]):
+                granted.add(name)
+        value = secrets.token_urlsafe(16)
+        self.tokens[value] = Token(value, user, request.query.get("service"), requested,
+                                   frozenset(granted), self.clock() + self.expires_in)
+        return web.json_response({
+            "token": value, "access_token": value, "expires_in": self.expires_in,
+            "issued_at": datetime.now(timezone.utc).isoformat()})
+
+    async def _manifest(self, request: web.Request) -> web.Response:
+        name, ref = request.match_info["name"], request.match_info["ref"]
+        if (repository := self.repos.get(name)) is None:
+            return oci_error(404, "NAME_UNKNOWN", f"repository {name} not known")
+        digest = ref if ref.startswith("sha256:") else repository.tags.get(ref, "")
+        if (entry := repository.manifests.get(digest)) is None:
+            return oci_error(404, "MANIFEST_UNKNOWN", f"manifest {ref} not known")
+        body, media_type = entry
+        accepted = {t.split(";")[0].strip() for h in request.headers.getall("Accept", [])
+                    for t in h.split(",")}
+        if accepted and not accepted & {media_type, "*/*"}:
+            return oci_error(404, "MANIFEST_UNKNOWN", f"manifest {ref} not in an accepted type")
+        headers = {"Content-Type": media_type, "ETag": f'"{digest}"'}
+        if not self.omit_digest_header:
+            headers["Docker-Content-Digest"] = digest
+        if self.ratelimit_headers is not None and request.method == "GET":
+            headers |= self._ratelimit(request, *self.ratelimit_headers)
+        return web.Response(body=body, headers=headers)
+
+    async def _tags(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if (repository := self.repos.get(name)) is None:
+            return oci_error(404, "NAME_UNKNOWN", f"repository {name} not known")
+        return web.json_response({"name": name, "tags": sorted(repository.tags)})
+
+    async def _blob(self, request: web.Request) -> web.StreamResponse:
+        name, digest = request.match_info["name"], request.match_info["digest"]
+        if (data := self.repos.get(name, Repository()).blobs.get(digest)) is None:
+            return oci_error(404, "BLOB_UNKNOWN", f"blob {digest} not known")
+        if self.redirect_blobs and request.method == "GET":
+            sig = secrets.token_urlsafe(8)
+            self._signatures[sig] = (name, digest)
+            other = "localhost" if request.url.host != "localhost" else "127.0.0.1"
+            location = request.url.with_host(other).with_path(f"/cdn/{digest}").with_query(sig=sig)
+            raise web.HTTPTemporaryRedirect(location)
+        return await self._send_blob(request, data, digest)
+
+    async def _cdn(self, request: web.Request) -> web.StreamResponse:
+        """The storage a blob GET redirected to: it must never see the registry's credentials."""
+        self.cdn_auth_headers.append(request.headers.get("Authorization"))
+        repo, digest = self._signatures.get(request.query.get("sig", ""), ("", ""))
+        if digest != request.match_info["digest"]:
+            return web.Response(status=403, text="AccessDenied: bad signature")
+        if (data := self.repos.get(repo, Repository()).blobs.get(digest)) is None:
+            return web.Response(status=404, text="NoSuchKey")
+        return await self._send_blob(request, data, digest)
+
+    async def _send_blob(self, request: web.Request, data: bytes, digest: str
+                         ) -> web.StreamResponse:
+        """Stream `data` in chunks, with Range, and the body faults (corrupt, stall, drop)."""
+        size = len(data)
+        if self.corrupt_blobs and size:
+            data = data[:size // 2] + bytes([data[size // 2] ^ 0xFF]) + data[size // 2 + 1:]
+        headers = {"Content-Type": "application/octet-stream", "Docker-Content-Digest": digest,
+                   "ETag": f'"{digest}"', "Accept-Ranges": "bytes"}
+        response = web.StreamResponse(headers=headers)
+        if "Range" in request.headers:
+            try:
+                start, stop, _ = request.http_range.indices(size)
+            except ValueError:
+                start, stop = size, size
+            if start >= stop:
+                return web.Response(status=416, headers={"Content-Range": f"bytes */{size}"})
+            response.set_status(206)
+            response.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+            data = data[start:stop]
+        if self.omit_content_length and request.method == "GET":
+            response.enable_chunked_encoding()
+        else:
+            response.content_length = len(data)
+        await response.prepare(request)
+        if request.method == "HEAD":
+            return response
+        end = len(data) // 2 if self.drop_connection else len(data)
+        for offset in range(0, end, self.chunk_size):
+            await response.write(data[offset:min(offset + self.chunk_size, end)])
+            if offset == 0 and self.stall is not None:
+                await self.stall.wait()
+            if self.chunk_delay:
+                await asyncio.sleep(self.chunk_delay)
+        if self.drop_connection and request.transport is not None:
+            request.transport.close()  # close() flushes the half written; abort() might not
+        return response

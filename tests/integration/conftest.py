@@ -1,0 +1,46 @@
+"""Fixtures for tests against a real upstream (docker-registry + fake token server)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import pytest
+
+from tests.fakes.token_server import TokenServer
+from tests.integration.registry import UpstreamRegistry, random_repo, require_binary
+
+
+@pytest.fixture(scope="session")
+def upstream_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpstreamRegistry]:
+    """One registry and token server for the whole run: starting them costs ~1 s; tests stay
+    independent by using fresh repository names (see `repo`)."""
+    binary = require_binary("docker-registry")
+    token_server = TokenServer()
+    token_server.start()
+    registry = UpstreamRegistry(tmp_path_factory.mktemp("upstream"), token_server, binary)
+    try:
+        registry.start()
+        yield registry
+    finally:
+        registry.stop()
+        token_server.stop()
+
+
+@pytest.fixture
+def upstream(upstream_session: UpstreamRegistry) -> Iterator[UpstreamRegistry]:
+    """The shared upstream, running, with token-server counters cleared; policy changes a test
+    makes (users, public, private, expires_in) are undone afterwards, and a test that stopped
+    the registry does not leave it down for the next one."""
+    upstream_session.start()
+    server = upstream_session.token_server
+    saved = copy.deepcopy((server.users, server.public, server.private, server.expires_in))
+    server.requests.clear()
+    yield upstream_session
+    server.users, server.public, server.private, server.expires_in = saved
+
+
+@pytest.fixture
+def repo() -> str:
+    """A repository name no other test uses, e.g. `library/t1a2b3c4d5e6`."""
+    return random_repo()
