@@ -8,14 +8,12 @@ are left out of the token rather than refused, and a wrong password is a 401.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import datetime as dt
 import fnmatch
 import json
 import secrets
-import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -28,6 +26,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
+
+from tests.fakes.threaded import ThreadedServer
 
 ANONYMOUS = "anonymous"
 
@@ -101,9 +101,7 @@ class TokenServer:
         self._key = ec.generate_private_key(ec.SECP256R1())
         self._cert = self._self_signed_cert()
         self._x5c = [base64.b64encode(self._cert.public_bytes(serialization.Encoding.DER)).decode()]
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
+        self._server = ThreadedServer()
 
     @property
     def cert_pem(self) -> bytes:
@@ -237,34 +235,12 @@ class TokenServer:
     # --- running in a thread --------------------------------------------------------------------
 
     def start(self, port: int = 0) -> str:
-        """Serve on 127.0.0.1 from a thread with its own event loop; return the base URL.
-
-        A thread, not the test's loop: the server must outlive function-scoped event loops and
-        keep answering while a test blocks on a subprocess (skopeo, podman).
-        """
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, name="token-server", daemon=True)
-        thread.start()
-        runner = web.AppRunner(self.make_app(), access_log=None)
-
-        async def serve() -> int:
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", port).start()
-            return int(runner.addresses[0][1])
-
-        bound = asyncio.run_coroutine_threadsafe(serve(), loop).result(timeout=10)
-        self._loop, self._thread, self._runner = loop, thread, runner
-        self.url = f"http://127.0.0.1:{bound}"
+        """Serve on 127.0.0.1 from its own thread (see ThreadedServer); return the base URL."""
+        self.url = self._server.start(self.make_app(), port, name="token-server")
         return self.url
 
     def stop(self) -> None:
-        if self._loop is None or self._thread is None or self._runner is None:
-            return
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop.close()
-        self._loop = self._thread = self._runner = None
+        self._server.stop()
         self.url = None
 
     def _self_signed_cert(self) -> x509.Certificate:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
+from tests.fakes.fault_proxy import FaultProxy
 from tests.fakes.token_server import TokenServer
+from tests.integration.mirror_process import MirrorProcess
 from tests.integration.registry import UpstreamRegistry, random_repo, require_binary
 
 
@@ -44,3 +47,36 @@ def upstream(upstream_session: UpstreamRegistry) -> Iterator[UpstreamRegistry]:
 def repo() -> str:
     """A repository name no other test uses, e.g. `library/t1a2b3c4d5e6`."""
     return random_repo()
+
+
+@pytest.fixture
+def fault_proxy(upstream: UpstreamRegistry) -> Iterator[FaultProxy]:
+    """A switchable reverse proxy in front of the real registry (outages, 503s, hangs, slowness)."""
+    proxy = FaultProxy(upstream.url)
+    proxy.start()
+    yield proxy
+    proxy.reset()
+    proxy.stop()
+
+
+@pytest.fixture
+def mirror_factory(tmp_path: Path, fault_proxy: FaultProxy) -> Iterator[Callable[..., MirrorProcess]]:
+    """Start mirrors (subprocesses) whose docker.io upstream is the real registry, via the fault proxy."""
+    started: list[MirrorProcess] = []
+
+    def start(**settings: str) -> MirrorProcess:
+        assert fault_proxy.url
+        proc = MirrorProcess(tmp_path / f"mirror{len(started)}", fault_proxy.url, **settings)
+        started.append(proc)
+        proc.start()
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture
+def mirror_proc(mirror_factory: Callable[..., MirrorProcess]) -> MirrorProcess:
+    """A running mirror with default settings (tag TTL 10 minutes)."""
+    return mirror_factory()

@@ -1,0 +1,90 @@
+"""The mirror as users run it: `python -m mirror serve` in a subprocess with a TOML config."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.registry import free_port
+
+
+class MirrorProcess:
+    """A mirror on 127.0.0.1:`port` whose docker.io upstream is `upstream_url`."""
+
+    def __init__(self, workdir: Path, upstream_url: str, tag_ttl: str = "10m", read_timeout: str = "5s") -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.data_dir = workdir / "data"
+        self.port = free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        self.url = f"http://{self.host}"
+        self.log = workdir / "mirror.log"
+        self.config = workdir / "mirror.toml"
+        self.config.write_text(
+            "[server]\n"
+            f'listen = "{self.host}"\n'
+            f'data_dir = "{self.data_dir}"\n'
+            'shutdown_timeout = "5s"\n'
+            '[upstreams."docker.io"]\n'
+            f'url = "{upstream_url}"\n'
+            f'tag_ttl = "{tag_ttl}"\n'
+            'connect_timeout = "2s"\n'
+            f'read_timeout = "{read_timeout}"\n'
+        )
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> None:
+        with self.log.open("ab") as log:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "mirror", "serve", "--config", str(self.config)],
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"mirror exited with {self._process.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/readyz", timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"mirror not ready after {timeout}s:\n{self.log_tail()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        if self._process is None:
+            return None
+        if self._process.poll() is None:
+            self._process.send_signal(sig)
+            try:
+                self._process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        code, self._process = self._process.returncode, None
+        return code
+
+    def kill(self) -> None:
+        """kill -9: no chance to clean up, as in a crash."""
+        self.stop(signal.SIGKILL)
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample on /metrics (0 when absent)."""
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        return 0.0
