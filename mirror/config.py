@@ -130,6 +130,8 @@ def _build(cls: type, raw: Mapping[str, Any], source: str, section: str, **extra
             values[key] = _convert(key, value)
         except ValueError as exc:
             raise ConfigError(source, where, str(exc)) from None
+        if known[key].type == "str" and not isinstance(values[key], str):
+            raise ConfigError(source, where, f"expected a string, got {type(value).__name__} {value!r}")
     return cls(**values)
 
 
@@ -142,6 +144,7 @@ def _convert(key: str, value: Any) -> Any:
         split_listen(str(value))
     if key == "max_size":
         parse_size(str(value))
+        return str(value)
     if key == "log_level" and str(value).lower() not in _LOG_LEVELS:
         raise ValueError(f"expected one of {', '.join(_LOG_LEVELS)}, got {value!r}")
     if not isinstance(value, (str, int, float, bool)):
@@ -174,22 +177,24 @@ def load(
             raise ConfigError(source, key, "expected a table")
     server_raw = dict(raw.get("server", {}))
     cache_raw = dict(raw.get("cache", {}))
-    env_sources: dict[str, str] = {}
+    origins: dict[str, str] = {}  # "section.key" → where the value came from, when not the file
     for name, value in (env if env is not None else os.environ).items():
         for section, target in (("SERVER", server_raw), ("CACHE", cache_raw)):
             prefix = f"MIRROR_{section}_"
             if name.startswith(prefix):
-                target[name[len(prefix):].lower()] = value
-                env_sources[name[len(prefix):].lower()] = name
-    server_raw.update(overrides or {})
+                key = name[len(prefix):].lower()
+                target[key] = value
+                origins[f"{section.lower()}.{key}"] = f"environment {name}"
+    for key, value in (overrides or {}).items():
+        server_raw[key] = value
+        origins[f"server.{key}"] = f"command line --{key.replace('_', '-')}"
 
     def section(cls: type, data: dict[str, Any], name: str) -> Any:
         try:
             return _build(cls, data, source, name)
         except ConfigError as exc:
-            key = exc.key.split(".", 1)[1]
-            if key in env_sources:
-                raise ConfigError(f"environment {env_sources[key]}", exc.key, exc.reason) from None
+            if exc.key in origins:
+                raise ConfigError(origins[exc.key], exc.key, exc.reason) from None
             raise
 
     server = section(ServerConfig, server_raw, "server")
@@ -205,7 +210,7 @@ def load(
             upstreams[name] = _build(UpstreamConfig, table, source, f"upstreams.{name}", name=name)
     if server.default_upstream not in upstreams:
         raise ConfigError(
-            source, "server.default_upstream",
+            origins.get("server.default_upstream", source), "server.default_upstream",
             f"{server.default_upstream!r} is not a configured upstream (configured: {', '.join(upstreams)})",
         )
     return Config(server=server, cache=cache, upstreams=upstreams)
