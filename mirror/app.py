@@ -14,6 +14,7 @@ from mirror import routes
 from mirror.config import Config
 from mirror.errors import error_middleware
 from mirror.metrics import Metrics
+from mirror.observe import METRICS, metrics_middleware
 from mirror.proxy.blobs import BlobService
 from mirror.proxy.inflight import Inflight
 from mirror.proxy.manifests import ManifestService
@@ -46,7 +47,8 @@ def make_app(config: Config, clock: Callable[[], float] = time.time) -> web.Appl
         metrics=metrics,
     )
 
-    app = web.Application(middlewares=[error_middleware])
+    app = web.Application(middlewares=[metrics_middleware, error_middleware])
+    app[METRICS] = metrics
     app[routes.SERVICES] = services
     routes.setup(app)
 

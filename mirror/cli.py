@@ -8,9 +8,8 @@ import sys
 from aiohttp import web
 
 from mirror import config as configuration
-from mirror.accesslog import access_logger_for, setup_logging
+from mirror.observe import AccessLogger, setup_logging
 from mirror.app import make_app
-from mirror.routes import SERVICES
 from mirror.storage.metadata import SchemaTooNew
 
 EXIT_CONFIG = 2
@@ -67,7 +66,7 @@ def _serve(path: str | None, listen: str | None, data_dir: str | None) -> int:
             app,
             host=host,
             port=port,
-            access_log_class=access_logger_for(app[SERVICES].metrics),
+            access_log_class=AccessLogger,
             access_log=logging.getLogger("mirror.access"),
             shutdown_timeout=cfg.server.shutdown_timeout,
             print=lambda msg: logging.getLogger("mirror").info("listening on http://%s:%d", host, port),

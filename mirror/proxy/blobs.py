@@ -46,6 +46,15 @@ def _range_error(message: str, size: int) -> RegistryError:
     return RegistryError("RANGE_INVALID", 416, message, headers={"Content-Range": f"bytes */{size}"})
 
 
+class SentFile(web.FileResponse):
+    """A sendfile response that may be sent early (by the metrics middleware) and then returned."""
+
+    async def prepare(self, request: web.BaseRequest):  # type: ignore[no-untyped-def]
+        if self.prepared:
+            return self._payload_writer
+        return await super().prepare(request)
+
+
 def _headers(digest: str) -> dict[str, str]:
     return {
         "Docker-Content-Digest": digest,
@@ -101,7 +110,7 @@ class BlobService:
         headers = _headers(digest)
         if f'"{digest}"' in request.headers.get("If-None-Match", ""):
             return web.Response(status=304, headers=headers)
-        return web.FileResponse(self.store.path(digest), headers=headers)
+        return SentFile(self.store.path(digest), headers=headers)
 
     async def _head_miss(self, request: web.Request, upstream: Upstream, repo: str, digest: str) -> web.StreamResponse:
         request[RESULT] = "miss"
