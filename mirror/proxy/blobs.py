@@ -7,6 +7,7 @@ digest is never reachable through a repository upstream does not hold it in.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Callable
 
@@ -21,24 +22,26 @@ from mirror.requestinfo import RESULT
 
 log = logging.getLogger("mirror.blobs")
 
+_RANGE_RE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")
+
 
 def parse_range(request: web.Request, size: int | None) -> tuple[int, int] | None:
     """The single byte range asked for, as [start, end); None for the whole blob."""
-    if "Range" not in request.headers or size is None:
+    header = request.headers.get("Range")
+    if header is None or size is None:
         return None
-    try:
-        rng = request.http_range
-    except ValueError:
-        raise _range_error(f"malformed Range header {request.headers['Range'][:100]!r}", size) from None
-    start, stop = rng.start, rng.stop
-    if start is None:
-        return None
-    if start < 0:
-        start = max(size + start, 0)
-        stop = size
-    stop = size if stop is None else min(stop, size)
+    m = _RANGE_RE.fullmatch(header.strip())
+    if not m or m.group(1) == m.group(2) == "":
+        raise _range_error(f"malformed Range header {header[:100]!r}: expected bytes=START-END", size)
+    first, last = m.group(1), m.group(2)
+    if first == "":  # a suffix: the last N bytes
+        start, stop = max(size - int(last), 0), size
+        if int(last) == 0:
+            start = size
+    else:
+        start, stop = int(first), size if last == "" else min(int(last) + 1, size)
     if start >= size or start >= stop:
-        raise _range_error(f"range {request.headers['Range'][:100]!r} is outside the blob's {size} bytes", size)
+        raise _range_error(f"range {header[:100]!r} is outside the blob's {size} bytes", size)
     return start, stop
 
 

@@ -70,9 +70,11 @@ class ContentStore:
         """Every digest with a file at its content path (for start-up reconciliation)."""
         found = []
         for sub in self.content_dir.iterdir():
+            if not sub.is_dir():
+                continue  # a stray file is not ours to judge, and must not stop the start
             for f in sub.iterdir():
                 digest = "sha256:" + f.name
-                if SHA256_RE.fullmatch(digest) and f.parent.name == f.name[:2]:
+                if SHA256_RE.fullmatch(digest) and f.parent.name == f.name[:2] and f.is_file():
                     found.append(digest)
         return found
 

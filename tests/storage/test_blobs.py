@@ -1,0 +1,144 @@
+"""ContentStore: paths only from valid digests; BlobWriter publishes only verified bytes."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from mirror.storage.blobs import ContentStore, DigestMismatch
+
+DATA = os.urandom(10_000)
+DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ContentStore:
+    store = ContentStore(tmp_path / "data")
+    store.prepare()
+    return store
+
+
+def _tmp_files(store: ContentStore) -> list[Path]:
+    return list(store.tmp_dir.iterdir())
+
+
+def test_path_is_derived_from_the_digest(store: ContentStore) -> None:
+    hexpart = DIGEST[7:]
+    assert store.path(DIGEST) == store.root / "content" / "sha256" / hexpart[:2] / hexpart
+
+
+@pytest.mark.parametrize("digest", [
+    "sha256:../../etc/passwd",
+    "sha256:" + "a" * 62 + "/..",
+    "sha256:" + "../" * 21 + "a",
+    "sha256:" + "A" * 64,
+    "sha256:" + "a" * 63,
+    "sha256:" + "a" * 64 + "\x00",
+    "sha512:" + "a" * 128,
+    "/etc/passwd",
+    "",
+])
+def test_no_path_from_an_invalid_digest(store: ContentStore, digest: str) -> None:
+    with pytest.raises(ValueError, match="unvalidated digest"):
+        store.path(digest)
+    with pytest.raises(ValueError):
+        store.writer(digest)
+    with pytest.raises(ValueError):
+        store.read(digest)
+    assert _tmp_files(store) == []
+
+
+def test_commit_publishes_verified_bytes(store: ContentStore) -> None:
+    writer = store.writer(DIGEST, len(DATA))
+    writer.write(DATA[:3000])
+    writer.write(memoryview(DATA)[3000:])
+    assert store.size(DIGEST) is None  # nothing at the content path before commit
+    assert len(_tmp_files(store)) == 1
+    writer.commit()
+    writer.close()
+    assert store.read(DIGEST) == DATA
+    assert store.size(DIGEST) == len(DATA)
+    assert _tmp_files(store) == []
+    assert store.iter_digests() == [DIGEST]
+
+
+def test_commit_without_a_known_size_checks_the_digest(store: ContentStore) -> None:
+    writer = store.writer(DIGEST)
+    writer.write(DATA)
+    writer.commit()
+    writer.close()
+    assert store.read(DIGEST) == DATA
+
+
+@pytest.mark.parametrize(("data", "size", "why"), [
+    (DATA[:-1], len(DATA), "expected 10000 bytes, got 9999"),  # truncated
+    (DATA + b"x", len(DATA), "expected 10000 bytes, got 10001"),
+    (bytes([DATA[0] ^ 1]) + DATA[1:], len(DATA), "content hashes to"),  # same size, one bit flipped
+    (b"", None, "content hashes to"),
+])
+def test_mismatch_leaves_nothing_anywhere(store: ContentStore, data: bytes, size: int | None, why: str) -> None:
+    writer = store.writer(DIGEST, size)
+    writer.write(data)
+    with pytest.raises(DigestMismatch, match=why):
+        writer.commit()
+    writer.close()
+    assert not store.path(DIGEST).exists()
+    assert store.read(DIGEST) is None
+    assert _tmp_files(store) == []
+
+
+def test_put_refuses_bytes_that_do_not_match(store: ContentStore) -> None:
+    with pytest.raises(DigestMismatch):
+        store.put(DIGEST, b"something else")
+    assert store.size(DIGEST) is None
+    assert _tmp_files(store) == []
+    store.put(DIGEST, DATA)
+    assert store.read(DIGEST) == DATA
+
+
+def test_abandoned_writer_leaves_nothing(store: ContentStore) -> None:
+    writer = store.writer(DIGEST, len(DATA))
+    writer.write(DATA)
+    writer.close()  # e.g. the upstream connection dropped before the end
+    assert store.size(DIGEST) is None
+    assert _tmp_files(store) == []
+
+
+def test_prepare_empties_tmp_and_keeps_content(store: ContentStore) -> None:
+    store.put(DIGEST, DATA)
+    writer = store.writer(DIGEST, len(DATA))  # a write in progress when the process died
+    writer.write(DATA[:100])
+    (store.tmp_dir / "leftover").write_bytes(b"partial")
+    assert len(_tmp_files(store)) == 2
+    ContentStore(store.root).prepare()
+    assert _tmp_files(store) == []
+    assert store.read(DIGEST) == DATA
+    writer.close()
+
+
+def test_prepare_creates_the_layout(tmp_path: Path) -> None:
+    store = ContentStore(tmp_path / "fresh")
+    store.prepare()
+    assert store.content_dir.is_dir() and store.tmp_dir.is_dir()
+    assert store.iter_digests() == []
+
+
+def test_remove(store: ContentStore) -> None:
+    store.put(DIGEST, DATA)
+    store.remove(DIGEST)
+    assert store.size(DIGEST) is None
+    store.remove(DIGEST)  # already gone: fine
+
+
+def test_iter_digests_ignores_files_that_are_not_content(store: ContentStore) -> None:
+    store.put(DIGEST, DATA)
+    other = "b" * 64
+    (store.content_dir / "cc").mkdir()
+    (store.content_dir / "cc" / other).write_bytes(b"misplaced")  # wrong 2-hex directory
+    (store.content_dir / "cc" / "notes.txt").write_text("hi")
+    (store.content_dir / DIGEST[7:9] / (DIGEST[7:] + ".part")).write_bytes(b"x")
+    (store.content_dir / "README").write_text("a stray file, not a directory")
+    (store.content_dir / "dd" / ("d" * 64)).mkdir(parents=True)  # a directory with a digest name
+    assert store.iter_digests() == [DIGEST]
