@@ -53,9 +53,7 @@ async def manifest(request: web.Request) -> web.StreamResponse:
     svc = _services(request)
     upstream, repo = svc.router.route(request.match_info["name"], request.query.get("ns"))
     ref = parse_reference(request.match_info["reference"])
-    answer = await svc.manifests.get(
-        upstream, repo, ref, request.headers.getall("Accept", []), request.method == "HEAD"
-    )
+    answer = await svc.manifests.get(upstream, repo, ref, request.headers.getall("Accept", []))
     request[RESULT] = answer.result
     headers = {
         "Content-Type": answer.media_type,
@@ -64,10 +62,6 @@ async def manifest(request: web.Request) -> web.StreamResponse:
     }
     if f'"{answer.digest}"' in request.headers.get("If-None-Match", ""):
         return web.Response(status=304, headers=headers)
-    if answer.body is None:
-        resp = web.StreamResponse(headers=headers)
-        resp.content_length = answer.size
-        return resp
     return web.Response(body=answer.body, headers=headers)
 
 

@@ -39,17 +39,16 @@ class CachedManifest:
 
 @dataclass(frozen=True)
 class Answer:
-    """What to send: a manifest (or, for a HEAD miss, only its headers) and how we got it."""
+    """What to send, and how we got it (hit, miss, stale)."""
 
     digest: str
     media_type: str
-    size: int
-    body: bytes | None
+    body: bytes
     result: str
 
 
 def _answer(m: CachedManifest, result: str) -> Answer:
-    return Answer(m.digest, m.media_type, len(m.body), m.body, result)
+    return Answer(m.digest, m.media_type, m.body, result)
 
 
 def referenced_digests(body: bytes) -> list[str]:
@@ -87,13 +86,13 @@ class ManifestService:
         self._memory: LRUCache[str, CachedManifest] = LRUCache(MEMORY_BYTES, getsizeof=lambda m: len(m.body))
         self._flights = SingleFlight()
 
-    async def get(self, upstream: Upstream, repo: str, ref: ManifestRef, accept: list[str], head: bool) -> Answer:
+    async def get(self, upstream: Upstream, repo: str, ref: ManifestRef, accept: list[str]) -> Answer:
         try:
             if ref.digest:
                 answer = await self._by_digest(upstream, repo, ref.digest)
             else:
                 assert ref.tag is not None
-                answer = await self._by_tag(upstream, repo, ref.tag, head)
+                answer = await self._by_tag(upstream, repo, ref.tag)
             if not accepts(accept, answer.media_type):
                 return await self._passthrough(upstream, repo, str(ref), accept)
         except UpstreamError as exc:
@@ -151,15 +150,15 @@ class ManifestService:
         return cached
 
     # -- by tag --------------------------------------------------------------------
-    async def _by_tag(self, upstream: Upstream, repo: str, tag: str, head: bool) -> Answer:
+    async def _by_tag(self, upstream: Upstream, repo: str, tag: str) -> Answer:
         row = await self.metadata.get_tag(upstream.name, repo, tag)
         cached = await self._load(row.digest) if row else None
         if row and cached and self.clock() < row.expires_at:
             return _answer(cached, "hit")
         try:
             return await self._flights.do(
-                ("tag", upstream.name, repo, tag, head and cached is None),
-                lambda: self._revalidate(upstream, repo, tag, row, cached, head),
+                ("tag", upstream.name, repo, tag),
+                lambda: self._revalidate(upstream, repo, tag, row),
             )
         except UpstreamError as exc:
             if exc.outage and cached is not None:
@@ -168,10 +167,12 @@ class ManifestService:
                 return _answer(cached, "stale")
             raise
 
-    async def _revalidate(
-        self, upstream: Upstream, repo: str, tag: str, row: TagRow | None, cached: CachedManifest | None, head: bool
-    ) -> Answer:
-        """One HEAD; a GET only for content we do not hold. Raises UpstreamError for the caller."""
+    async def _revalidate(self, upstream: Upstream, repo: str, tag: str, row: TagRow | None) -> Answer:
+        """One HEAD; a GET only for content we do not hold. Raises UpstreamError for the caller.
+
+        A client's HEAD of an unknown tag fetches the manifest too: clients follow it with a
+        GET by digest (then a hit), and the tag is then known should upstream go away.
+        """
         try:
             probe = await upstream.head_manifest(repo, tag, ACCEPT_ALL)
         except UpstreamError:
@@ -179,8 +180,6 @@ class ManifestService:
                 self.metrics.tag_revalidations.labels("error").inc()
             raise
         known = await self._load(probe.digest) if probe.digest else None
-        if known is None and head and probe.digest and probe.media_type:
-            return Answer(probe.digest, probe.media_type, probe.size or 0, None, "miss")
         manifest = known or await self._fetch(upstream, repo, probe.digest or tag, probe.digest)
         if row is not None:
             self.metrics.tag_revalidations.labels("unchanged" if row.digest == manifest.digest else "changed").inc()
@@ -198,7 +197,7 @@ class ManifestService:
         digest = "sha256:" + hashlib.sha256(got.body).hexdigest()
         if got.digest and got.digest != digest:
             raise RegistryError("MANIFEST_INVALID", 502, f"upstream {upstream.name} sent a manifest that does not match {got.digest}")
-        return Answer(digest, got.media_type, len(got.body), got.body, "miss")
+        return Answer(digest, got.media_type, got.body, "miss")
 
 
 def _declared_type(body: bytes) -> str | None:

@@ -10,6 +10,14 @@ import pytest
 
 from tests.fakes.fault_proxy import FaultProxy
 from tests.fakes.token_server import TokenServer
+from tests.integration.clients import (  # noqa: F401  (fixtures)
+    client_drivers,
+    containerd_client,
+    dockerd_client,
+    podman_client,
+    pull_client,
+    skopeo_client,
+)
 from tests.integration.mirror_process import MirrorProcess
 from tests.integration.registry import UpstreamRegistry, random_repo, require_binary
 

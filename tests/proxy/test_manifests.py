@@ -172,13 +172,18 @@ async def test_if_none_match_gives_304(mirror: Mirror, fake_registry: FakeRegist
     assert resp.status == 304
 
 
-async def test_head_on_unknown_tag_costs_one_head_and_no_get(mirror: Mirror, fake_registry: FakeRegistry) -> None:
+async def test_head_on_unknown_tag_caches_the_manifest_for_the_get_that_follows(mirror: Mirror, fake_registry: FakeRegistry) -> None:
     image = fake_registry.add_image("library/alpine", "3", 1)
     resp = await mirror.client.head("/v2/library/alpine/manifests/3", headers=ACCEPT)
     assert resp.status == 200
     assert resp.headers["Docker-Content-Digest"] == image.digest
     assert int(resp.headers["Content-Length"]) == len(image.body)
-    assert fake_registry.count(method="GET") == 0
+    fake_registry.reset_counts()
+    resp = await mirror.client.get(f"/v2/library/alpine/manifests/{image.digest}", headers=ACCEPT)
+    assert await resp.read() == image.body
+    assert fake_registry.count() == 0
+    await fake_registry.close()
+    assert (await mirror.client.head("/v2/library/alpine/manifests/3", headers=ACCEPT)).status == 200
 
 
 async def test_client_that_cannot_take_cached_type_is_forwarded(mirror: Mirror, fake_registry: FakeRegistry) -> None:
