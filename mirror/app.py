@@ -15,16 +15,19 @@ from mirror.config import Config
 from mirror.errors import error_middleware
 from mirror.metrics import Metrics
 from mirror.observe import METRICS, metrics_middleware
+from mirror.proxy.access import AccessPolicy
 from mirror.proxy.blobs import BlobService
 from mirror.proxy.inflight import Inflight
 from mirror.proxy.manifests import ManifestService
 from mirror.proxy.tags import TagListService
+from mirror.proxy.tokens import TokenService
 from mirror.routing import Router
 from mirror.storage.blobs import ContentStore
 from mirror.storage.metadata import Metadata
 from mirror.storage.reconcile import reconcile
 from mirror.upstream.auth import TokenCache
 from mirror.upstream.client import Upstream
+from mirror.upstream.ratelimit import RateLimits
 
 log = logging.getLogger("mirror")
 
@@ -36,18 +39,22 @@ def make_app(config: Config, clock: Callable[[], float] = time.time) -> web.Appl
     metrics = Metrics()
     store = ContentStore(data_dir)
     metadata = Metadata(data_dir / "index.db")
-    tokens = TokenCache(clock)
-    upstreams = {name: Upstream(cfg, tokens, metrics) for name, cfg in config.upstreams.items()}
+    upstream_tokens = TokenCache(clock)
+    limits = RateLimits(metrics, clock)
+    upstreams = {name: Upstream(cfg, upstream_tokens, limits, metrics) for name, cfg in config.upstreams.items()}
     inflight = Inflight(store, metrics)
+    access = AccessPolicy(clock)
     services = routes.Services(
         router=Router(upstreams, config.server.default_upstream),
-        manifests=ManifestService(store, metadata, metrics, clock),
-        blobs=BlobService(store, metadata, inflight, clock),
+        manifests=ManifestService(store, metadata, access, metrics, clock),
+        blobs=BlobService(store, metadata, inflight, access, clock),
         tags=TagListService(clock),
+        tokens=TokenService(clock),
         metrics=metrics,
+        public_url=config.server.public_url,
     )
 
-    app = web.Application(middlewares=[metrics_middleware, error_middleware])
+    app = web.Application(middlewares=[metrics_middleware, error_middleware, routes.challenge_middleware])
     app[METRICS] = metrics
     app[routes.SERVICES] = services
     routes.setup(app)

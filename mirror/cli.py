@@ -1,12 +1,14 @@
-"""Command line: `mirror serve` (the default) and `mirror check-config`."""
+"""Command line: `mirror serve` (the default), `mirror check-config` and `mirror config <client>`."""
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from aiohttp import web
 
+from mirror import clientconfig
 from mirror import config as configuration
 from mirror.observe import AccessLogger, setup_logging
 from mirror.app import make_app
@@ -24,6 +26,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", help="where cached content and metadata live (default ./mirror-data)")
     check = sub.add_parser("check-config", help="validate a configuration file and print the result")
     check.add_argument("file")
+    client = sub.add_parser(
+        "config", help="print (or write) client configuration for this mirror",
+        description="Print the configuration that makes a client pull through this mirror.",
+    )
+    client.add_argument("client", choices=clientconfig.CLIENTS)
+    client.add_argument("--url", help="the mirror's URL as clients reach it, e.g. http://mirror.internal:5000 "
+                                      "(default: server.public_url of --config)")
+    client.add_argument("--registry", nargs="+", action="extend", metavar="HOST",
+                        help="registries to mirror (default: every configured upstream)")
+    client.add_argument("--config", help="the mirror's TOML configuration (its upstreams and public_url)")
+    client.add_argument("--write", metavar="DIR", help="write the files under DIR instead of printing them")
     return parser
 
 
@@ -31,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         return _check_config(args.file)
+    if args.command == "config":
+        return _client_config(args)
     return _serve(getattr(args, "config", None), getattr(args, "listen", None), getattr(args, "data_dir", None))
 
 
@@ -53,13 +68,58 @@ def _check_config(path: str) -> int:
     return 0
 
 
+def _client_config(args: argparse.Namespace) -> int:
+    cfg = _load(args.config, {})
+    if cfg is None:
+        return EXIT_CONFIG
+    url = args.url or cfg.server.public_url
+    if not url:
+        print("mirror config: give the mirror's URL with --url (or server.public_url in --config)", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        registries = clientconfig.check_registries(args.registry or list(cfg.upstreams), cfg.upstreams)
+        if args.client == "containerd":
+            files = clientconfig.containerd(url, registries)
+        elif args.client == "podman":
+            files = clientconfig.podman(url, registries)
+        else:
+            files, notes = clientconfig.docker(url, registries if args.registry else ["docker.io"])
+            for note in notes:
+                print(f"# {note}", file=sys.stderr)
+            if cfg.server.default_upstream != "docker.io":
+                print(f"# warning: this mirror's default upstream is {cfg.server.default_upstream}, "
+                      "so Docker's mirrored Docker Hub pulls would go there", file=sys.stderr)
+    except clientconfig.ClientConfigError as exc:
+        print(f"mirror config: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.write is None:
+        for i, (name, text) in enumerate(files.items()):
+            if len(files) > 1:
+                print(("\n" if i else "") + f"# --- {name} ---")
+            print(text, end="")
+        return 0
+    root = Path(args.write)
+    for name, text in files.items():
+        target = root / name
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+        except OSError as exc:
+            print(f"mirror config: cannot write {target}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        print(f"wrote {target}", file=sys.stderr)
+    return 0
+
+
 def _serve(path: str | None, listen: str | None, data_dir: str | None) -> int:
     overrides = {k: v for k, v in (("listen", listen), ("data_dir", data_dir)) if v is not None}
     cfg = _load(path, overrides)
     if cfg is None:
         return EXIT_CONFIG
-    setup_logging(cfg.server.log_level)
+    setup_logging(cfg.server.log_level, cfg.server.log_format)
     host, port = cfg.host_port
+    tls = configuration.ssl_context(cfg.server)
+    scheme = "https" if tls else "http"
     app = make_app(cfg)
     try:
         web.run_app(
@@ -69,7 +129,8 @@ def _serve(path: str | None, listen: str | None, data_dir: str | None) -> int:
             access_log_class=AccessLogger,
             access_log=logging.getLogger("mirror.access"),
             shutdown_timeout=cfg.server.shutdown_timeout,
-            print=lambda msg: logging.getLogger("mirror").info("listening on http://%s:%d", host, port),
+            ssl_context=tls,
+            print=lambda msg: logging.getLogger("mirror").info("listening on %s://%s:%d", scheme, host, port),
         )
     except SchemaTooNew as exc:
         print(f"mirror: {exc}", file=sys.stderr)

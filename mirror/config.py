@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -39,6 +40,13 @@ class UpstreamConfig:
     tag_ttl: float = 600.0
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
+    access_ttl: float = 600.0
+    username: str | None = None
+    password: str | None = None
+    password_file: str | None = None
+    share_with_anonymous: bool = False
+    ca_file: str | None = None
+    insecure_skip_verify: bool = False
 
 
 @dataclass(frozen=True)
@@ -47,7 +55,11 @@ class ServerConfig:
     data_dir: str = "./mirror-data"
     default_upstream: str = "docker.io"
     log_level: str = "info"
+    log_format: str = "plain"
     shutdown_timeout: float = 30.0
+    tls_cert: str = ""
+    tls_key: str = ""
+    public_url: str = ""
 
 
 @dataclass(frozen=True)
@@ -72,6 +84,7 @@ _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?", re.IGNORECASE)
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+_LOG_FORMATS = ("plain", "json")
 
 
 def parse_duration(value: object) -> float:
@@ -118,6 +131,37 @@ def _check_url(url: object) -> str:
     return str(url).rstrip("/")
 
 
+def _check_readable(path: object) -> None:
+    if not isinstance(path, str):
+        raise ValueError(f"expected a file path, got {type(path).__name__} {path!r}")
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such file")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{path}: not readable by this user")
+
+
+def _check_tls(server: ServerConfig) -> str | None:
+    """Why the TLS settings cannot serve HTTPS, or None when they can (or are not set)."""
+    if not server.tls_cert and not server.tls_key:
+        return None
+    if not (server.tls_cert and server.tls_key):
+        return "tls_cert and tls_key must be set together"
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(server.tls_cert, server.tls_key)
+    except (ssl.SSLError, OSError) as exc:
+        return f"cannot load the certificate {server.tls_cert} with the key {server.tls_key}: {exc}"
+    return None
+
+
+def ssl_context(server: ServerConfig) -> ssl.SSLContext | None:
+    """The server-side TLS context for `server.tls_cert`/`tls_key`, or None for plain HTTP."""
+    if not server.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(server.tls_cert, server.tls_key)
+    return context
+
+
 def _build(cls: type, raw: Mapping[str, Any], source: str, section: str, **extra: Any) -> Any:
     """Build a section dataclass from raw values, refusing unknown keys and bad values."""
     known = {f.name: f for f in fields(cls)} 
@@ -130,9 +174,39 @@ def _build(cls: type, raw: Mapping[str, Any], source: str, section: str, **extra
             values[key] = _convert(key, value)
         except ValueError as exc:
             raise ConfigError(source, where, str(exc)) from None
-        if known[key].type == "str" and not isinstance(values[key], str):
+        if known[key].type in ("str", "str | None") and not isinstance(values[key], str):
             raise ConfigError(source, where, f"expected a string, got {type(value).__name__} {value!r}")
+        if known[key].type == "bool":
+            values[key] = _boolean(value, source, where)
     return cls(**values)
+
+
+def _boolean(value: Any, source: str, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise ConfigError(source, where, f"expected true or false, got {value!r}")
+
+
+def _upstream(table: Mapping[str, Any], source: str, name: str) -> UpstreamConfig:
+    """An upstream's settings, with its secret read from `password_file` and files checked now."""
+    where = f"upstreams.{name}"
+    if "url" not in table:
+        raise ConfigError(source, f"{where}.url", 'missing (e.g. url = "https://ghcr.io")')
+    up: UpstreamConfig = _build(UpstreamConfig, table, source, where, name=name)
+    if up.password is not None and up.password_file is not None:
+        raise ConfigError(source, f"{where}.password_file", "set password or password_file, not both")
+    if up.password_file is not None:
+        try:
+            up = replace(up, password=Path(up.password_file).read_text().strip())
+        except OSError as exc:
+            raise ConfigError(source, f"{where}.password_file", f"cannot read {up.password_file}: {exc.strerror}") from None
+    if (up.username is None) != (up.password is None):
+        raise ConfigError(source, f"{where}.username", "a service account needs both username and password")
+    if up.ca_file is not None and not os.access(up.ca_file, os.R_OK):
+        raise ConfigError(source, f"{where}.ca_file", f"cannot read {up.ca_file}")
+    return up
 
 
 def _convert(key: str, value: Any) -> Any:
@@ -147,6 +221,12 @@ def _convert(key: str, value: Any) -> Any:
         return str(value)
     if key == "log_level" and str(value).lower() not in _LOG_LEVELS:
         raise ValueError(f"expected one of {', '.join(_LOG_LEVELS)}, got {value!r}")
+    if key == "log_format" and value not in _LOG_FORMATS:
+        raise ValueError(f"expected one of {', '.join(_LOG_FORMATS)}, got {value!r}")
+    if key in ("tls_cert", "tls_key") and value != "":
+        _check_readable(value)
+    if key == "public_url" and value != "":
+        return _check_url(value)
     if not isinstance(value, (str, int, float, bool)):
         raise ValueError(f"expected a string or number, got {type(value).__name__}")
     return value
@@ -198,6 +278,9 @@ def load(
             raise
 
     server = section(ServerConfig, server_raw, "server")
+    if (problem := _check_tls(server)) is not None:
+        key = "server.tls_key" if server.tls_cert and not server.tls_key else "server.tls_cert"
+        raise ConfigError(origins.get(key, source), key, problem)
     cache = section(CacheConfig, cache_raw, "cache")
     upstreams = Config().upstreams
     if "upstreams" in raw:
@@ -205,9 +288,7 @@ def load(
         for name, table in raw["upstreams"].items():
             if not isinstance(table, dict):
                 raise ConfigError(source, f"upstreams.{name}", "expected a table")
-            if "url" not in table:
-                raise ConfigError(source, f"upstreams.{name}.url", "missing (e.g. url = \"https://ghcr.io\")")
-            upstreams[name] = _build(UpstreamConfig, table, source, f"upstreams.{name}", name=name)
+            upstreams[name] = _upstream(table, source, name)
     if server.default_upstream not in upstreams:
         raise ConfigError(
             origins.get("server.default_upstream", source), "server.default_upstream",

@@ -1,10 +1,36 @@
 """Every Prometheus metric, on a per-app registry so tests and apps stay isolated.
 
 The names are an interface: the Grafana dashboard and users' alerts use them.
+
+Series that rates and ratios are computed from are created at zero when the app
+starts, so the first hit after a restart is counted by `increase()` instead of
+being the invisible first sample of a new series.
 """
 from __future__ import annotations
 
+import logging
+import shutil
+import sqlite3
+from pathlib import Path
+from typing import Callable, Iterator, NamedTuple
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from mirror.config import parse_size
+
+log = logging.getLogger("mirror.metrics")
+
+RESULTS = ("hit", "miss", "stale", "coalesced", "denied", "error")
+CONTENT_KINDS = ("manifest", "blob")
+
+
+class CacheUsage(NamedTuple):
+    """What the cache holds: total bytes and object counts by kind (manifest, blob)."""
+
+    size_bytes: int
+    objects: dict[str, int]
 
 
 class Metrics:
@@ -26,6 +52,12 @@ class Metrics:
         self.upstream_bytes = Counter(
             "mirror_upstream_bytes", "Body bytes received from upstream registries",
             ["upstream"], registry=r)
+        self.upstream_ratelimit_remaining = Gauge(
+            "mirror_upstream_ratelimit_remaining", "Pulls left in the upstream's rate-limit window (ratelimit-remaining)",
+            ["upstream", "source"], registry=r)
+        self.upstream_ratelimit_limit = Gauge(
+            "mirror_upstream_ratelimit_limit", "Pulls allowed per upstream rate-limit window (ratelimit-limit)",
+            ["upstream", "source"], registry=r)
         self.stale_served = Counter(
             "mirror_stale_served", "Stale tags served because the upstream could not be asked",
             ["upstream", "reason"], registry=r)
@@ -37,3 +69,86 @@ class Metrics:
         self.digest_mismatches = Counter(
             "mirror_digest_mismatches", "Upstream content that did not match its digest (discarded)",
             ["upstream"], registry=r)
+        self.evictions = Counter(
+            "mirror_evictions", "Content objects removed from the cache to stay under its size cap", registry=r)
+        self.evicted_bytes = Counter(
+            "mirror_evicted_bytes", "Bytes removed from the cache to stay under its size cap", registry=r)
+        self.cache = CacheCollector()
+        r.register(self.cache)
+        for kind in CONTENT_KINDS:
+            for method in ("GET", "HEAD"):
+                for result in RESULTS:
+                    self.requests.labels(kind, method, result)
+        for source in ("cache", "upstream"):
+            self.bytes_served.labels(source)
+        for result in ("unchanged", "changed", "error"):
+            self.tag_revalidations.labels(result)
+
+    def watch_cache(self, db_path: Path, data_dir: Path, max_size: str) -> None:
+        """Report the cache's size and object counts from its metadata, and its cap, at scrape time."""
+        self.cache.usage = lambda: read_cache_usage(db_path)
+        self.cache.max_bytes = lambda: cache_max_bytes(data_dir, max_size)
+
+
+class CacheCollector(Collector):
+    """`mirror_cache_size_bytes`, `mirror_cache_objects{kind}` and `mirror_cache_max_bytes`.
+
+    Computed when scraped, by the callables `Metrics.watch_cache` installs. Until
+    then (or when they cannot tell) the families are exported without samples:
+    an absent value, never a made-up zero.
+    """
+
+    def __init__(self) -> None:
+        self.usage: Callable[[], CacheUsage | None] | None = None
+        self.max_bytes: Callable[[], int | None] | None = None
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families(None, None)
+
+    def collect(self) -> Iterator[Metric]:
+        usage = self.usage() if self.usage else None
+        max_bytes = self.max_bytes() if self.max_bytes else None
+        yield from self._families(usage, max_bytes)
+
+    @staticmethod
+    def _families(usage: CacheUsage | None, max_bytes: int | None) -> Iterator[Metric]:
+        size = GaugeMetricFamily("mirror_cache_size_bytes", "Bytes of verified content in the cache")
+        objects = GaugeMetricFamily("mirror_cache_objects", "Content objects in the cache, by kind", labels=["kind"])
+        cap = GaugeMetricFamily("mirror_cache_max_bytes", "The cache's size cap (cache.max_size) in bytes")
+        if usage is not None:
+            size.add_metric([], usage.size_bytes)
+            for kind in sorted(set(CONTENT_KINDS) | set(usage.objects)):
+                objects.add_metric([kind], usage.objects.get(kind, 0))
+        if max_bytes is not None:
+            cap.add_metric([], max_bytes)
+        yield size
+        yield objects
+        yield cap
+
+
+def read_cache_usage(db_path: Path) -> CacheUsage | None:
+    """Totals from the `content` table (a read-only connection; WAL lets it run beside the writer)."""
+    if not db_path.exists():
+        return None
+    try:
+        db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=1.0)
+        try:
+            rows = db.execute("SELECT kind, COUNT(*), COALESCE(SUM(size), 0) FROM content GROUP BY kind").fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        log.warning("cannot read cache usage from %s: %s", db_path, exc)
+        return None
+    return CacheUsage(sum(int(r[2]) for r in rows), {str(r[0]): int(r[1]) for r in rows})
+
+
+def cache_max_bytes(data_dir: Path, max_size: str) -> int | None:
+    """`cache.max_size` in bytes; a percentage is of the data directory's file system."""
+    size, fraction = parse_size(max_size)
+    if size is not None:
+        return size
+    try:
+        total = shutil.disk_usage(data_dir).total
+    except OSError:
+        return None
+    return int(total * (fraction or 0))

@@ -6,11 +6,15 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
-from mirror.errors import RegistryError, unsupported
+from mirror.errors import Handler, RegistryError, unsupported
 from mirror.metrics import Metrics
+from mirror.proxy.access import Principal, principal_for
 from mirror.proxy.blobs import BlobService
 from mirror.proxy.manifests import ManifestService
 from mirror.proxy.tags import TagListService
+from mirror.proxy.tokens import Grant, TokenService, challenge, client_credentials
+from mirror.upstream.auth import Credentials
+from mirror.upstream.client import Upstream
 from mirror.reference import parse_digest, parse_reference
 from mirror.routing import Router
 from mirror.requestinfo import KIND, RESULT
@@ -25,7 +29,9 @@ class Services:
     manifests: ManifestService
     blobs: BlobService
     tags: TagListService
+    tokens: TokenService
     metrics: Metrics
+    public_url: str = ""
     ready: bool = False
 
 
@@ -41,19 +47,33 @@ def _read_only(request: web.Request) -> None:
         raise unsupported(f"{request.method} is not supported: this registry is a read-only mirror")
 
 
+def _client(request: web.Request) -> Credentials | None:
+    return client_credentials(_services(request).tokens, request.headers.get("Authorization"))
+
+
+def _target(request: web.Request) -> tuple[Upstream, str, Principal]:
+    """The upstream and repository a `/v2/<name>/...` request is for, and who asks."""
+    svc = _services(request)
+    upstream, repo = svc.router.route(request.match_info["name"], request.query.get("ns"))
+    return upstream, repo, principal_for(_client(request), upstream)
+
+
 async def base(request: web.Request) -> web.Response:
+    """The version check; like Docker Hub it challenges clients that bring no credentials."""
     request[KIND] = "base"
     _read_only(request)
+    if not request.headers.get("Authorization"):
+        raise RegistryError("UNAUTHORIZED", 401, "authentication required (anonymous clients: any token will do)")
+    _client(request)
     return web.json_response({}, headers=API_VERSION)
 
 
 async def manifest(request: web.Request) -> web.StreamResponse:
     request[KIND] = "manifest"
     _read_only(request)
-    svc = _services(request)
-    upstream, repo = svc.router.route(request.match_info["name"], request.query.get("ns"))
+    upstream, repo, principal = _target(request)
     ref = parse_reference(request.match_info["reference"])
-    answer = await svc.manifests.get(upstream, repo, ref, request.headers.getall("Accept", []))
+    answer = await _services(request).manifests.get(upstream, repo, ref, request.headers.getall("Accept", []), principal)
     request[RESULT] = answer.result
     headers = {
         "Content-Type": answer.media_type,
@@ -68,19 +88,17 @@ async def manifest(request: web.Request) -> web.StreamResponse:
 async def blob(request: web.Request) -> web.StreamResponse:
     request[KIND] = "blob"
     _read_only(request)
-    svc = _services(request)
-    upstream, repo = svc.router.route(request.match_info["name"], request.query.get("ns"))
+    upstream, repo, principal = _target(request)
     digest = parse_digest(request.match_info["digest"])
-    return await svc.blobs.serve(request, upstream, repo, digest)
+    return await _services(request).blobs.serve(request, upstream, repo, digest, principal)
 
 
 async def tags(request: web.Request) -> web.Response:
     request[KIND] = "tags"
     _read_only(request)
-    svc = _services(request)
-    upstream, repo = svc.router.route(request.match_info["name"], request.query.get("ns"))
+    upstream, repo, principal = _target(request)
     query = "&".join(f"{k}={v}" for k, v in request.query.items() if k in ("n", "last"))
-    body, link, result = await svc.tags.get(upstream, repo, query)
+    body, link, result = await _services(request).tags.get(upstream, repo, query, principal.upstream)
     request[RESULT] = result
     headers = {"Link": link} if link else {}
     return web.Response(body=body, content_type="application/json", headers=headers)
@@ -91,6 +109,65 @@ async def other_v2(request: web.Request) -> web.Response:
     request[KIND] = "other"
     _read_only(request)
     raise RegistryError("NAME_UNKNOWN", 404, f"no such endpoint: {request.path[:200]}")
+
+
+async def token(request: web.Request) -> web.Response:
+    """The mirror's token realm: `GET` with Basic or no credentials, or the OAuth2 `POST` form."""
+    svc = _services(request)
+    offline = request.query.get("offline_token") == "true"
+    scopes = request.query.getall("scope", [])
+    if request.method == "POST":
+        form = await request.post()
+        grant_type = str(form.get("grant_type", ""))
+        scopes = str(form.get("scope", "")).split()
+        offline = form.get("access_type") == "offline"
+        if grant_type == "refresh_token":
+            grant = svc.tokens.refresh(str(form.get("refresh_token", "")))
+            if grant is None:
+                raise RegistryError("UNAUTHORIZED", 401, "unknown or expired refresh token: log in again")
+            return web.json_response(svc.tokens.issue(grant, offline))
+        if grant_type != "password":
+            raise RegistryError("UNSUPPORTED", 400, f"unsupported grant_type {grant_type[:40]!r}: use password or refresh_token")
+        creds: Credentials | None = Credentials(str(form.get("username", "")), str(form.get("password", "")))
+    elif request.method == "GET":
+        creds = client_credentials(svc.tokens, request.headers.get("Authorization"))
+    else:
+        raise RegistryError("UNSUPPORTED", 405, f"{request.method} is not supported here")
+    if creds is not None:
+        upstream, repos = _scope_target(svc, scopes, request.query.get("ns"))
+        await svc.tokens.login(upstream, creds, repos)
+    return web.json_response(svc.tokens.issue(Grant(creds), offline))
+
+
+def _scope_target(svc: Services, scopes: list[str], ns: str | None) -> tuple[Upstream, list[str]]:
+    """The upstream that checks a login, and the repositories asked for there."""
+    routed: list[tuple[Upstream, str]] = []
+    for scope in (s for item in scopes for s in item.split()):
+        kind, _, rest = scope.partition(":")
+        name, _, _actions = rest.rpartition(":")
+        if kind.split("(")[0] == "repository" and name:
+            try:
+                routed.append(svc.router.route(name, ns))
+            except RegistryError:
+                continue  # a scope for a name we cannot serve grants nothing; the token still works
+    if routed:
+        upstream = routed[0][0]
+        return upstream, [repo for up, repo in routed if up is upstream]
+    return (svc.router.route_ns(ns) if ns else svc.router.default), []
+
+
+@web.middleware
+async def challenge_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every 401 tells the client where to log in: this mirror's token realm."""
+    try:
+        return await handler(request)
+    except RegistryError as err:
+        if err.status == 401 and "WWW-Authenticate" not in err.headers:
+            svc = _services(request)
+            base_url = svc.public_url or f"{request.scheme}://{request.host}"
+            name = request.match_info.get("name")
+            err.headers["WWW-Authenticate"] = challenge(base_url.rstrip("/"), request.query.get("ns"), name)
+        raise
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -121,6 +198,7 @@ def setup(app: web.Application) -> None:
     r.add_route("*", r"/v2/{name:.+}/blobs/{digest:[^/]+}", blob)
     r.add_route("*", r"/v2/{name:.+}/tags/list", tags)
     r.add_route("*", r"/v2/{tail:.*}", other_v2)
+    r.add_route("*", "/token", token)
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)
     r.add_get("/metrics", metrics)

@@ -31,15 +31,19 @@ class Router:
             )
         return upstream
 
+    def route_ns(self, ns: str) -> Upstream:
+        """The upstream containerd names with `?ns=<host>`."""
+        if not _HOST_RE.fullmatch(ns) or len(ns) > 253:
+            raise RegistryError(
+                "NAME_INVALID", 400, f"invalid ns={ns[:100]!r}: expected a registry host name such as docker.io"
+            )
+        return self._named(ns)
+
     def route(self, name: str, ns: str | None) -> tuple[Upstream, str]:
         """(upstream, repository at that upstream) for a `/v2/<name>/...` request."""
         parse_name(name)
         if ns is not None:
-            if not _HOST_RE.fullmatch(ns) or len(ns) > 253:
-                raise RegistryError(
-                    "NAME_INVALID", 400, f"invalid ns={ns[:100]!r}: expected a registry host name such as docker.io"
-                )
-            upstream, repo = self._named(ns), name
+            upstream, repo = self.route_ns(ns), name
         else:
             first, _, rest = name.partition("/")
             if rest and ("." in first or first == "localhost"):

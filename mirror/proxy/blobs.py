@@ -14,9 +14,11 @@ from typing import Callable
 from aiohttp import web
 
 from mirror.errors import RegistryError
+from mirror.proxy.access import AccessPolicy, Principal
 from mirror.proxy.inflight import Fetch, FetchFailed, Inflight
 from mirror.storage.blobs import ContentStore
 from mirror.storage.metadata import Metadata
+from mirror.upstream.auth import Credentials
 from mirror.upstream.client import Upstream, UpstreamError
 from mirror.requestinfo import RESULT
 
@@ -70,40 +72,57 @@ def _headers(digest: str) -> dict[str, str]:
 
 class BlobService:
     def __init__(
-        self, store: ContentStore, metadata: Metadata, inflight: Inflight, clock: Callable[[], float] = time.time
+        self, store: ContentStore, metadata: Metadata, inflight: Inflight, access: AccessPolicy,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.metadata = metadata
         self.inflight = inflight
+        self.access = access
         self.clock = clock
 
-    async def serve(self, request: web.Request, upstream: Upstream, repo: str, digest: str) -> web.StreamResponse:
+    async def serve(
+        self, request: web.Request, upstream: Upstream, repo: str, digest: str, principal: Principal
+    ) -> web.StreamResponse:
         head = request.method == "HEAD"
         fetch = self.inflight.join(digest)
-        if fetch is None and (size := self.store.size(digest)) is not None:
-            if not await self.metadata.is_linked(upstream.name, repo, digest):
-                await self._confirm(upstream, repo, digest)
-            return self._hit(request, digest, size)
-        if fetch is None and head:
-            return await self._head_miss(request, upstream, repo, digest)
-        if fetch is None:
+        try:
+            if fetch is None and (size := self.store.size(digest)) is not None:
+                await self._allow(upstream, repo, digest, principal)
+                if not await self.metadata.is_linked(upstream.name, repo, digest):
+                    await self._confirm(upstream, repo, digest, principal.upstream)
+                return self._hit(request, digest, size)
+            if fetch is not None or not principal.fetches_as_itself:
+                await self._allow(upstream, repo, digest, principal)
+            if fetch is None and head:
+                return await self._head_miss(request, upstream, repo, digest, principal)
+            if fetch is not None:
+                request[RESULT] = "coalesced"
+                if (fetch.upstream, fetch.repo) != (upstream.name, repo):
+                    await self._confirm(upstream, repo, digest, principal.upstream)
+                return await self._stream(request, fetch, head)
             request[RESULT] = "miss"
-            fetch = self.inflight.start(upstream, repo, digest, self._stored)
-        else:
-            request[RESULT] = "coalesced"
-        try:
-            if (fetch.upstream, fetch.repo) != (upstream.name, repo):
-                await self._confirm(upstream, repo, digest)
-            return await self._stream(request, fetch, head)
-        finally:
-            fetch.leave()
-
-    async def _confirm(self, upstream: Upstream, repo: str, digest: str) -> None:
-        """One upstream HEAD: does `repo` really hold `digest`? Then link it."""
-        try:
-            await upstream.head_blob(repo, digest)
+            fetch = self.inflight.start(upstream, repo, digest, principal.upstream, self._stored)
+            try:
+                response = await self._stream(request, fetch, head)
+            except UpstreamError as exc:
+                self.access.learn(upstream, repo, principal, exc)
+                raise
+            self.access.learn(upstream, repo, principal, None)
+            return response
         except UpstreamError as exc:
             raise exc.to_registry_error("BLOB_UNKNOWN") from None
+        finally:
+            if fetch is not None:
+                fetch.leave()
+
+    async def _allow(self, upstream: Upstream, repo: str, digest: str, principal: Principal) -> None:
+        """The access check, probing with a HEAD of this very blob (which also proves the link)."""
+        await self.access.ensure(upstream, repo, principal, lambda creds: self._confirm(upstream, repo, digest, creds))
+
+    async def _confirm(self, upstream: Upstream, repo: str, digest: str, creds: Credentials | None) -> None:
+        """One upstream HEAD: does `repo` really hold `digest`? Then link it."""
+        await upstream.head_blob(repo, digest, creds)
         await self.metadata.link(upstream.name, repo, [digest])
 
     def _hit(self, request: web.Request, digest: str, size: int) -> web.StreamResponse:
@@ -115,12 +134,16 @@ class BlobService:
             return web.Response(status=304, headers=headers)
         return SentFile(self.store.path(digest), headers=headers)
 
-    async def _head_miss(self, request: web.Request, upstream: Upstream, repo: str, digest: str) -> web.StreamResponse:
+    async def _head_miss(
+        self, request: web.Request, upstream: Upstream, repo: str, digest: str, principal: Principal
+    ) -> web.StreamResponse:
         request[RESULT] = "miss"
         try:
-            size = await upstream.head_blob(repo, digest)
+            size = await upstream.head_blob(repo, digest, principal.upstream)
         except UpstreamError as exc:
+            self.access.learn(upstream, repo, principal, exc)
             raise exc.to_registry_error("BLOB_UNKNOWN") from None
+        self.access.learn(upstream, repo, principal, None)
         resp = web.StreamResponse(status=200, headers=_headers(digest))
         if size is not None:
             resp.content_length = size
@@ -132,11 +155,12 @@ class BlobService:
         await self.metadata.link(fetch.upstream, fetch.repo, [fetch.digest])
 
     async def _stream(self, request: web.Request, fetch: Fetch, head: bool) -> web.StreamResponse:
-        """Send the blob from the growing file: headers once upstream answered, bytes as they land."""
+        """Send the blob from the growing file: headers once upstream answered, bytes as they land.
+
+        Raises the UpstreamError of a fetch that upstream refused before sending anything.
+        """
         try:
             await fetch.wait_started()
-        except UpstreamError as exc:
-            raise exc.to_registry_error("BLOB_UNKNOWN") from None
         except FetchFailed as exc:
             raise RegistryError("UNAVAILABLE", 503, str(exc)) from None
         rng = parse_range(request, fetch.size)

@@ -18,6 +18,7 @@ import aiohttp
 
 from mirror.metrics import Metrics
 from mirror.storage.blobs import BlobWriter, ContentStore, DigestMismatch
+from mirror.upstream.auth import Credentials
 from mirror.upstream.client import Upstream, UpstreamError
 
 log = logging.getLogger("mirror.inflight")
@@ -126,11 +127,13 @@ class Inflight:
         fetch = self._fetches.get(digest)
         return fetch.join() if fetch else None
 
-    def start(self, upstream: Upstream, repo: str, digest: str, on_stored: OnStored) -> Fetch:
-        """Start the fetch for `digest` (the caller checked none is running) and join it."""
+    def start(
+        self, upstream: Upstream, repo: str, digest: str, creds: Credentials | None, on_stored: OnStored
+    ) -> Fetch:
+        """Start the fetch for `digest` as `creds` (the caller checked none is running) and join it."""
         fetch = Fetch(digest, upstream.name, repo).join()
         self._fetches[digest] = fetch
-        task = asyncio.get_running_loop().create_task(self._run(fetch, upstream, on_stored))
+        task = asyncio.get_running_loop().create_task(self._run(fetch, upstream, creds, on_stored))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return fetch
@@ -141,12 +144,12 @@ class Inflight:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _run(self, fetch: Fetch, upstream: Upstream, on_stored: OnStored) -> None:
+    async def _run(self, fetch: Fetch, upstream: Upstream, creds: Credentials | None, on_stored: OnStored) -> None:
         self._metrics.inflight_fetches.inc()
         error: BaseException | None = None
         writer: BlobWriter | None = None
         try:
-            resp = await upstream.open_blob(fetch.repo, fetch.digest)
+            resp = await upstream.open_blob(fetch.repo, fetch.digest, creds)
             async with resp:
                 writer = self._store.writer(fetch.digest, resp.content_length)
                 fetch._begin(writer, resp.content_length)

@@ -12,22 +12,25 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Awaitable, Callable, Iterable, TypeVar
 
 from cachetools import LRUCache
 
 from mirror.errors import RegistryError
 from mirror.metrics import Metrics
+from mirror.proxy.access import AccessPolicy, Principal
 from mirror.proxy.inflight import SingleFlight
 from mirror.reference import SHA256_RE, ManifestRef
 from mirror.storage.blobs import ContentStore
 from mirror.storage.metadata import Metadata, TagRow
+from mirror.upstream.auth import Credentials, fingerprint
 from mirror.upstream.client import MANIFEST_TYPES, Upstream, UpstreamError
 
 log = logging.getLogger("mirror.manifests")
 
 ACCEPT_ALL = ", ".join(MANIFEST_TYPES)
 MEMORY_BYTES = 64 << 20
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -77,45 +80,70 @@ def accepts(accept_headers: Iterable[str], media_type: str) -> bool:
 
 class ManifestService:
     def __init__(
-        self, store: ContentStore, metadata: Metadata, metrics: Metrics, clock: Callable[[], float] = time.time
+        self, store: ContentStore, metadata: Metadata, access: AccessPolicy, metrics: Metrics,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.metadata = metadata
+        self.access = access
         self.metrics = metrics
         self.clock = clock
         self._memory: LRUCache[str, CachedManifest] = LRUCache(MEMORY_BYTES, getsizeof=lambda m: len(m.body))
         self._flights = SingleFlight()
 
-    async def get(self, upstream: Upstream, repo: str, ref: ManifestRef, accept: list[str]) -> Answer:
+    async def get(
+        self, upstream: Upstream, repo: str, ref: ManifestRef, accept: list[str], principal: Principal
+    ) -> Answer:
         try:
             if ref.digest:
-                answer = await self._by_digest(upstream, repo, ref.digest)
+                answer = await self._by_digest(upstream, repo, ref.digest, principal)
             else:
                 assert ref.tag is not None
-                answer = await self._by_tag(upstream, repo, ref.tag)
+                answer = await self._by_tag(upstream, repo, ref.tag, principal)
             if not accepts(accept, answer.media_type):
-                return await self._passthrough(upstream, repo, str(ref), accept)
+                return await self._passthrough(upstream, repo, str(ref), accept, principal)
         except UpstreamError as exc:
             raise exc.to_registry_error("MANIFEST_UNKNOWN") from None
         self.metadata.touch(answer.digest, self.clock())
         return answer
 
+    async def _allow(self, upstream: Upstream, repo: str, principal: Principal, ref: str) -> None:
+        await self.access.ensure(
+            upstream, repo, principal, lambda creds: upstream.head_manifest(repo, ref, ACCEPT_ALL, creds)
+        )
+
+    async def _as_principal(self, upstream: Upstream, repo: str, principal: Principal, work: Awaitable[T]) -> T:
+        """Run upstream work with the principal's upstream credentials, learning its access from it."""
+        try:
+            result = await work
+        except UpstreamError as exc:
+            self.access.learn(upstream, repo, principal, exc)
+            raise
+        self.access.learn(upstream, repo, principal, None)
+        return result
+
     # -- by digest ---------------------------------------------------------------
-    async def _by_digest(self, upstream: Upstream, repo: str, digest: str) -> Answer:
+    async def _by_digest(self, upstream: Upstream, repo: str, digest: str, principal: Principal) -> Answer:
         cached = await self._load(digest)
         if cached is not None:
+            await self._allow(upstream, repo, principal, digest)
             if not await self.metadata.is_linked(upstream.name, repo, digest):
-                await upstream.head_manifest(repo, digest, ACCEPT_ALL)
+                await upstream.head_manifest(repo, digest, ACCEPT_ALL, principal.upstream)
                 await self.metadata.link(upstream.name, repo, [digest])
             return _answer(cached, "hit")
-        fetched = await self._flights.do(
-            ("digest", upstream.name, repo, digest), lambda: self._fetch(upstream, repo, digest, digest)
-        )
+        if not principal.fetches_as_itself:
+            await self._allow(upstream, repo, principal, digest)
+        fetched = await self._as_principal(upstream, repo, principal, self._flights.do(
+            ("digest", upstream.name, repo, digest, fingerprint(principal.upstream)),
+            lambda: self._fetch(upstream, repo, digest, digest, principal.upstream),
+        ))
         return _answer(fetched, "miss")
 
-    async def _fetch(self, upstream: Upstream, repo: str, ref: str, expected: str | None) -> CachedManifest:
+    async def _fetch(
+        self, upstream: Upstream, repo: str, ref: str, expected: str | None, creds: Credentials | None
+    ) -> CachedManifest:
         """GET from upstream, verify against the digest we expect, store, and link its parts."""
-        got = await upstream.get_manifest(repo, ref, ACCEPT_ALL)
+        got = await upstream.get_manifest(repo, ref, ACCEPT_ALL, creds)
         digest = "sha256:" + hashlib.sha256(got.body).hexdigest()
         claimed = expected or got.digest
         if claimed and claimed != digest:
@@ -150,37 +178,43 @@ class ManifestService:
         return cached
 
     # -- by tag --------------------------------------------------------------------
-    async def _by_tag(self, upstream: Upstream, repo: str, tag: str) -> Answer:
+    async def _by_tag(self, upstream: Upstream, repo: str, tag: str, principal: Principal) -> Answer:
         row = await self.metadata.get_tag(upstream.name, repo, tag)
         cached = await self._load(row.digest) if row else None
         if row and cached and self.clock() < row.expires_at:
+            await self._allow(upstream, repo, principal, cached.digest)
             return _answer(cached, "hit")
+        if not principal.fetches_as_itself:
+            await self._allow(upstream, repo, principal, tag)
         try:
-            return await self._flights.do(
-                ("tag", upstream.name, repo, tag),
-                lambda: self._revalidate(upstream, repo, tag, row),
-            )
+            return await self._as_principal(upstream, repo, principal, self._flights.do(
+                ("tag", upstream.name, repo, tag, fingerprint(principal.upstream)),
+                lambda: self._revalidate(upstream, repo, tag, row, principal.upstream),
+            ))
         except UpstreamError as exc:
-            if exc.outage and cached is not None:
-                self.metrics.stale_served.labels(upstream.name, exc.reason).inc()
-                log.warning("serving stale %s/%s:%s (%s): %s", upstream.name, repo, tag, row.digest if row else "", exc.message)
-                return _answer(cached, "stale")
-            raise
+            if not exc.outage or cached is None:
+                raise
+            await self._allow(upstream, repo, principal, cached.digest)  # upstream's last word stands
+            self.metrics.stale_served.labels(upstream.name, exc.reason).inc()
+            log.warning("serving stale %s/%s:%s (%s): %s", upstream.name, repo, tag, cached.digest, exc.message)
+            return _answer(cached, "stale")
 
-    async def _revalidate(self, upstream: Upstream, repo: str, tag: str, row: TagRow | None) -> Answer:
+    async def _revalidate(
+        self, upstream: Upstream, repo: str, tag: str, row: TagRow | None, creds: Credentials | None
+    ) -> Answer:
         """One HEAD; a GET only for content we do not hold. Raises UpstreamError for the caller.
 
         A client's HEAD of an unknown tag fetches the manifest too: clients follow it with a
         GET by digest (then a hit), and the tag is then known should upstream go away.
         """
         try:
-            probe = await upstream.head_manifest(repo, tag, ACCEPT_ALL)
+            probe = await upstream.head_manifest(repo, tag, ACCEPT_ALL, creds)
         except UpstreamError:
             if row is not None:
                 self.metrics.tag_revalidations.labels("error").inc()
             raise
         known = await self._load(probe.digest) if probe.digest else None
-        manifest = known or await self._fetch(upstream, repo, probe.digest or tag, probe.digest)
+        manifest = known or await self._fetch(upstream, repo, probe.digest or tag, probe.digest, creds)
         if row is not None:
             self.metrics.tag_revalidations.labels("unchanged" if row.digest == manifest.digest else "changed").inc()
         now = self.clock()
@@ -191,9 +225,11 @@ class ManifestService:
             await self.metadata.link(upstream.name, repo, [known.digest, *referenced_digests(known.body)])
         return _answer(manifest, "hit" if known is not None else "miss")
 
-    async def _passthrough(self, upstream: Upstream, repo: str, ref: str, accept: list[str]) -> Answer:
+    async def _passthrough(
+        self, upstream: Upstream, repo: str, ref: str, accept: list[str], principal: Principal
+    ) -> Answer:
         """A client that cannot take the cached type gets what upstream gives for its own Accept."""
-        got = await upstream.get_manifest(repo, ref, ", ".join(accept))
+        got = await upstream.get_manifest(repo, ref, ", ".join(accept), principal.upstream)
         digest = "sha256:" + hashlib.sha256(got.body).hexdigest()
         if got.digest and got.digest != digest:
             raise RegistryError("MANIFEST_INVALID", 502, f"upstream {upstream.name} sent a manifest that does not match {got.digest}")

@@ -1,4 +1,4 @@
-"""Upstream authentication: challenge parsing and a token cache.
+"""Upstream authentication: credentials, challenge parsing and a token cache.
 
 Registries answer 401 with `WWW-Authenticate: Bearer realm=..,service=..,scope=..`;
 the token from the realm is cached per (upstream, scope, principal) for its
@@ -6,9 +6,12 @@ the token from the realm is cached per (upstream, scope, principal) for its
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from cachetools import TLRUCache
@@ -16,6 +19,42 @@ from cachetools import TLRUCache
 _PARAM_RE = re.compile(r'([A-Za-z_]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))')
 TOKEN_MARGIN = 30.0
 DEFAULT_TOKEN_TTL = 60.0
+
+
+ANONYMOUS = "anonymous"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A username and secret, sent upstream on someone's behalf; only the fingerprint is shown."""
+
+    username: str
+    password: str = field(repr=False)
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the credential in caches and logs without revealing it."""
+        return hashlib.sha256(f"{self.username}\0{self.password}".encode()).hexdigest()[:16]
+
+    @property
+    def basic(self) -> str:
+        return "Basic " + base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+
+    @classmethod
+    def from_basic(cls, value: str) -> Credentials:
+        """Parse the part after `Basic `; ValueError when it is not base64 `user:password`."""
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            raise ValueError("Basic credentials are not base64 of user:password") from None
+        username, sep, password = decoded.partition(":")
+        if not sep or not username:
+            raise ValueError("Basic credentials are not base64 of user:password")
+        return cls(username, password)
+
+
+def fingerprint(creds: Credentials | None) -> str:
+    return creds.fingerprint if creds else ANONYMOUS
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ import aiohttp
 from mirror.config import UpstreamConfig
 from mirror.errors import RegistryError
 from mirror.metrics import Metrics
-from mirror.upstream.auth import TokenCache, parse_challenge
+from mirror.upstream.auth import Challenge, Credentials, TokenCache, fingerprint, parse_challenge
+from mirror.upstream.ratelimit import RateLimits
 
 log = logging.getLogger("mirror.upstream")
 
@@ -31,7 +32,6 @@ MANIFEST_TYPES = (
 )
 MANIFEST_MAX_BYTES = 4 << 20
 MAX_REDIRECTS = 5
-ANONYMOUS = "anonymous"
 
 
 class UpstreamError(Exception):
@@ -95,19 +95,28 @@ def _origin(url: str) -> tuple[str, str | None, int | None]:
 
 
 class Upstream:
-    def __init__(self, config: UpstreamConfig, tokens: TokenCache, metrics: Metrics) -> None:
+    def __init__(self, config: UpstreamConfig, tokens: TokenCache, limits: RateLimits, metrics: Metrics) -> None:
         self.config = config
         self.name = config.name
         self.url = config.url
+        self.service_account = (
+            Credentials(config.username, config.password) if config.username and config.password is not None else None
+        )
         self._tokens = tokens
+        self._limits = limits
         self._metrics = metrics
         self._session: aiohttp.ClientSession | None = None
+
+    def _ssl(self) -> ssl.SSLContext | bool:
+        if self.config.insecure_skip_verify:
+            return False
+        return ssl.create_default_context(cafile=self.config.ca_file)
 
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300, ssl=ssl.create_default_context()),
+                connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300, ssl=self._ssl()),
                 timeout=aiohttp.ClientTimeout(
                     total=None,
                     sock_connect=self.config.connect_timeout,
@@ -143,30 +152,52 @@ class Upstream:
             self._count(method, kind, "error")
             raise UpstreamError(self.name, None, f"{type(exc).__name__}: {exc}") from None
         self._count(method, kind, str(resp.status))
+        self._limits.observe(self.name, resp.headers)
         return resp
 
     def _count(self, method: str, kind: str, status: str) -> None:
         self._metrics.upstream_requests.labels(self.name, method, kind, status).inc()
 
     async def request(
-        self, method: str, repo: str, path: str, kind: str, headers: Mapping[str, str] | None = None
+        self, method: str, repo: str, path: str, kind: str, creds: Credentials | None,
+        headers: Mapping[str, str] | None = None,
     ) -> aiohttp.ClientResponse:
-        """Send to `/v2/<repo>/<path>`, answering a 401 Bearer challenge once; follows redirects."""
+        """Send to `/v2/<repo>/<path>` as `creds`, answering one auth challenge; follows redirects.
+
+        A principal that upstream rate-limited sends no GET until its Retry-After has passed.
+        """
+        who = fingerprint(creds)
+        wait = self._limits.blocked_for(self.name, who) if method == "GET" else 0.0
+        if wait:
+            raise UpstreamError(self.name, 429, f"rate-limited by the upstream; retry in {wait:.0f}s", str(int(wait) + 1))
         url = f"{self.url}/v2/{repo}/{path}"
         hdrs = dict(headers or {})
-        key = (self.name, f"repository:{repo}:pull", ANONYMOUS)
+        key = (self.name, f"repository:{repo}:pull", who)
         token = self._tokens.get(key)
         if token:
             hdrs["Authorization"] = f"Bearer {token}"
         resp = await self._send(method, url, kind, hdrs)
         if resp.status == 401:
             challenge = parse_challenge(resp.headers.get("WWW-Authenticate", ""))
-            if challenge and challenge.scheme == "bearer" and challenge.realm:
+            authorization = await self._answer(challenge, key, creds) if challenge else None
+            if authorization:
                 resp.release()
-                self._tokens.drop(key)
-                hdrs["Authorization"] = f"Bearer {await self._fetch_token(challenge.params, key)}"
+                hdrs["Authorization"] = authorization
                 resp = await self._send(method, url, kind, hdrs)
+        if resp.status == 429:
+            self._limits.block(self.name, who, resp.headers.get("Retry-After"))
         return await self._follow(resp, method, kind, url, hdrs)
+
+    async def _answer(
+        self, challenge: Challenge, key: tuple[str, str, str], creds: Credentials | None
+    ) -> str | None:
+        """The Authorization header that answers `challenge`, or None when we have nothing to offer."""
+        if challenge.scheme == "basic":
+            return creds.basic if creds else None
+        if not challenge.realm:
+            return None
+        self._tokens.drop(key)
+        return f"Bearer {await self._fetch_token(challenge.params, key, creds)}"
 
     async def _follow(
         self, resp: aiohttp.ClientResponse, method: str, kind: str, url: str, headers: dict[str, str]
@@ -185,15 +216,20 @@ class Upstream:
         resp.release()
         raise UpstreamError(self.name, 502, f"more than {MAX_REDIRECTS} redirects")
 
-    async def _fetch_token(self, params: Mapping[str, str], key: tuple[str, str, str]) -> str:
-        query = {"scope": params.get("scope") or key[1]}
+    async def _fetch_token(
+        self, params: Mapping[str, str], key: tuple[str, str, str], creds: Credentials | None
+    ) -> str:
+        query = [("scope", s) for s in (params.get("scope") or key[1]).split(" ") if s]
         if params.get("service"):
-            query["service"] = params["service"]
+            query.append(("service", params["service"]))
         url = f"{params['realm']}?{urlencode(query)}"
-        resp = await self._send("GET", url, "token", {})
+        resp = await self._send("GET", url, "token", {"Authorization": creds.basic} if creds else {})
         async with resp:
+            if resp.status in (401, 403):
+                raise UpstreamError(self.name, resp.status, f"credentials refused: {await _token_error(resp)}")
             if resp.status != 200:
-                raise UpstreamError(self.name, resp.status, f"token endpoint {params['realm']} answered {resp.status}")
+                raise UpstreamError(self.name, resp.status if resp.status >= 500 else 502,
+                                    f"token endpoint {params['realm']} answered {resp.status}")
             try:
                 data = json.loads(await resp.read())
                 token = data.get("token") or data["access_token"]
@@ -219,8 +255,8 @@ class Upstream:
         raise UpstreamError(self.name, resp.status, message, resp.headers.get("Retry-After"))
 
     # -- registry operations ---------------------------------------------------
-    async def head_manifest(self, repo: str, ref: str, accept: str) -> ManifestHead:
-        resp = await self.request("HEAD", repo, f"manifests/{ref}", "manifest", {"Accept": accept})
+    async def head_manifest(self, repo: str, ref: str, accept: str, creds: Credentials | None) -> ManifestHead:
+        resp = await self.request("HEAD", repo, f"manifests/{ref}", "manifest", creds, {"Accept": accept})
         await self._raise_for(resp, f"manifest {repo}:{ref}")
         resp.release()
         return ManifestHead(
@@ -229,8 +265,8 @@ class Upstream:
             resp.content_length,
         )
 
-    async def get_manifest(self, repo: str, ref: str, accept: str) -> Manifest:
-        resp = await self.request("GET", repo, f"manifests/{ref}", "manifest", {"Accept": accept})
+    async def get_manifest(self, repo: str, ref: str, accept: str, creds: Credentials | None) -> Manifest:
+        resp = await self.request("GET", repo, f"manifests/{ref}", "manifest", creds, {"Accept": accept})
         await self._raise_for(resp, f"manifest {repo}:{ref}")
         async with resp:
             if (resp.content_length or 0) > MANIFEST_MAX_BYTES:
@@ -245,26 +281,66 @@ class Upstream:
         media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
         return Manifest(body, media_type, resp.headers.get("Docker-Content-Digest"))
 
-    async def head_blob(self, repo: str, digest: str) -> int | None:
-        resp = await self.request("HEAD", repo, f"blobs/{digest}", "blob")
+    async def head_blob(self, repo: str, digest: str, creds: Credentials | None) -> int | None:
+        resp = await self.request("HEAD", repo, f"blobs/{digest}", "blob", creds)
         await self._raise_for(resp, f"blob {digest}")
         resp.release()
         return resp.content_length
 
-    async def open_blob(self, repo: str, digest: str) -> aiohttp.ClientResponse:
+    async def open_blob(self, repo: str, digest: str, creds: Credentials | None) -> aiohttp.ClientResponse:
         """A 200 response whose body the caller streams and then releases."""
-        resp = await self.request("GET", repo, f"blobs/{digest}", "blob")
+        resp = await self.request("GET", repo, f"blobs/{digest}", "blob", creds)
         await self._raise_for(resp, f"blob {digest}")
         if resp.status != 200:
             resp.release()
             raise UpstreamError(self.name, 502, f"blob {digest}: unexpected status {resp.status}")
         return resp
 
-    async def get_tags(self, repo: str, query: str) -> tuple[bytes, str | None]:
+    async def get_tags(self, repo: str, query: str, creds: Credentials | None) -> tuple[bytes, str | None]:
         """The tag list body and its `Link` header (pagination)."""
         path = f"tags/list?{query}" if query else "tags/list"
-        resp = await self.request("GET", repo, path, "tags")
+        resp = await self.request("GET", repo, path, "tags", creds)
         await self._raise_for(resp, f"tags of {repo}")
         async with resp:
             body = await resp.content.read(MANIFEST_MAX_BYTES)
         return body, resp.headers.get("Link")
+
+    async def login(self, creds: Credentials, repos: list[str]) -> None:
+        """Check `creds` the way upstream would: its realm must grant them a token.
+
+        Raises UpstreamError (401 with upstream's message) when they are refused.
+        A token granted for `repos` is kept, so the pulls that follow need no second exchange.
+        """
+        resp = await self._send("GET", f"{self.url}/v2/", "base", {})
+        resp.release()
+        challenge = parse_challenge(resp.headers.get("WWW-Authenticate", "")) if resp.status == 401 else None
+        if challenge is None:
+            return  # upstream asks for no credentials: nothing to check them against
+        if challenge.scheme == "basic":
+            resp = await self._send("GET", f"{self.url}/v2/", "base", {"Authorization": creds.basic})
+            resp.release()
+            if resp.status in (401, 403):
+                raise UpstreamError(self.name, resp.status, "credentials refused")
+            return
+        scopes = " ".join(f"repository:{r}:pull" for r in repos)
+        key = (self.name, scopes or "", creds.fingerprint)
+        params = {**challenge.params, "scope": scopes} if scopes else {k: v for k, v in challenge.params.items() if k != "scope"}
+        token = await self._fetch_token(params, key, creds)
+        for repo in repos:
+            self._tokens.put((self.name, f"repository:{repo}:pull", creds.fingerprint), token, None)
+
+
+async def _token_error(resp: aiohttp.ClientResponse) -> str:
+    """The reason a token endpoint gave for refusing (Docker Hub: `details`; OAuth: `error`)."""
+    try:
+        data = json.loads(await resp.content.read(8192))
+    except (ValueError, aiohttp.ClientError, asyncio.TimeoutError):
+        return f"{resp.status} {resp.reason}"
+    if isinstance(data, dict):
+        for key in ("details", "error_description", "message", "error"):
+            if isinstance(data.get(key), str):
+                return data[key]
+        errors = data.get("errors")
+        if isinstance(errors, list) and errors and isinstance(errors[0], dict) and errors[0].get("message"):
+            return str(errors[0]["message"])
+    return f"{resp.status} {resp.reason}"

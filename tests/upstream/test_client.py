@@ -10,6 +10,7 @@ from mirror.config import UpstreamConfig
 from mirror.metrics import Metrics
 from mirror.upstream.auth import TokenCache, parse_challenge
 from mirror.upstream.client import Upstream, UpstreamError
+from mirror.upstream.ratelimit import RateLimits
 from tests.conftest import TAG_TTL, FakeClock, Mirror
 from tests.fakes.registry import FakeRegistry
 from tests.proxy.test_manifests import ACCEPT
@@ -50,7 +51,8 @@ async def test_basic_challenge_without_credentials_is_unauthorized(mirror: Mirro
 
 
 def _upstream(url: str, **timeouts: float) -> Upstream:
-    return Upstream(UpstreamConfig("test", url, **timeouts), TokenCache(FakeClock()), Metrics())
+    metrics, clock = Metrics(), FakeClock()
+    return Upstream(UpstreamConfig("test", url, **timeouts), TokenCache(clock), RateLimits(metrics, clock), metrics)
 
 
 async def test_connection_refused_names_the_host() -> None:
@@ -59,7 +61,7 @@ async def test_connection_refused_names_the_host() -> None:
         port = s.getsockname()[1]
     upstream = _upstream(f"http://127.0.0.1:{port}")
     with pytest.raises(UpstreamError) as caught:
-        await upstream.head_manifest("library/a", "1", "*/*")
+        await upstream.head_manifest("library/a", "1", "*/*", None)
     await upstream.close()
     assert caught.value.status is None and caught.value.outage
     assert f"127.0.0.1:{port}" in caught.value.message
@@ -68,7 +70,7 @@ async def test_connection_refused_names_the_host() -> None:
 async def test_unresolvable_host_is_reported_as_such() -> None:
     upstream = _upstream("http://no-such-host.invalid")
     with pytest.raises(UpstreamError) as caught:
-        await upstream.head_manifest("library/a", "1", "*/*")
+        await upstream.head_manifest("library/a", "1", "*/*", None)
     await upstream.close()
     assert "no-such-host.invalid" in caught.value.message
 
@@ -78,7 +80,7 @@ async def test_hung_upstream_times_out(fake_registry: FakeRegistry) -> None:
     assert fake_registry.url
     upstream = _upstream(fake_registry.url, read_timeout=0.2)
     with pytest.raises(UpstreamError) as caught:
-        await upstream.head_manifest("library/a", "1", "*/*")
+        await upstream.head_manifest("library/a", "1", "*/*", None)
     await upstream.close()
     fake_registry.stall_before_headers = False
     assert caught.value.outage and "timed out" in caught.value.message

@@ -1,0 +1,104 @@
+"""May this principal read this repository? Upstream decides; we remember its answers.
+
+Cached content is served to a principal only after upstream let that principal
+read the repository: an anonymous client needs an anonymous HEAD to have
+succeeded, a client with credentials a HEAD with those credentials. Answers are
+kept for the upstream's `access_ttl`; while the upstream is down or throttling,
+the last answer stands (it cannot have refused in the meantime), and with no
+answer at all nothing cached is served. `share_with_anonymous` is the
+operator's opt-out for trusted networks.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from cachetools import LRUCache
+
+from mirror.errors import RegistryError
+from mirror.upstream.auth import Credentials, fingerprint
+from mirror.upstream.client import Upstream, UpstreamError
+
+DENIAL_TTL = 30.0
+
+Probe = Callable[[Credentials | None], Awaitable[object]]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who asks (`client`, None when anonymous) and whose credentials go upstream for them."""
+
+    client: Credentials | None
+    upstream: Credentials | None
+
+    @property
+    def name(self) -> str:
+        return fingerprint(self.client)
+
+    @property
+    def fetches_as_itself(self) -> bool:
+        """True when upstream requests made for this principal also prove its own access."""
+        return self.client == self.upstream
+
+
+def principal_for(client: Credentials | None, upstream: Upstream) -> Principal:
+    """A client without credentials borrows the upstream's service account, if one is set."""
+    return Principal(client, client or upstream.service_account)
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    at: float
+    message: str = ""
+
+
+class AccessPolicy:
+    def __init__(self, clock: Callable[[], float] = time.time, maxsize: int = 100_000) -> None:
+        self._clock = clock
+        self._decisions: LRUCache[tuple[str, str, str], Decision] = LRUCache(maxsize)
+
+    def record(self, upstream: Upstream, repo: str, principal: Principal, allowed: bool, message: str = "") -> None:
+        self._decisions[(upstream.name, repo, principal.name)] = Decision(allowed, self._clock(), message)
+
+    def learn(self, upstream: Upstream, repo: str, principal: Principal, error: UpstreamError | None) -> None:
+        """Learn from an upstream answer to a request made with the principal's own credentials."""
+        if not principal.fetches_as_itself:
+            return
+        if error is None:
+            self.record(upstream, repo, principal, True)
+        elif error.status in (401, 403):
+            self.record(upstream, repo, principal, False, error.message)
+
+    async def ensure(self, upstream: Upstream, repo: str, principal: Principal, probe: Probe) -> None:
+        """Return if `principal` may read `repo`; raise 401/403 (or upstream's failure) if not."""
+        if principal.client is None and upstream.config.share_with_anonymous:
+            return
+        key = (upstream.name, repo, principal.name)
+        known = self._decisions.get(key)
+        now = self._clock()
+        if known is not None and now - known.at < (upstream.config.access_ttl if known.allowed else DENIAL_TTL):
+            if known.allowed:
+                return
+            raise denied(upstream, repo, principal, known.message)
+        try:
+            await probe(principal.client)
+        except UpstreamError as exc:
+            if exc.outage and known is not None and known.allowed:
+                return  # upstream cannot answer: its last answer stands
+            if exc.status in (401, 403):
+                self.record(upstream, repo, principal, False, exc.message)
+                raise denied(upstream, repo, principal, exc.message) from None
+            raise
+        self.record(upstream, repo, principal, True)
+
+
+def denied(upstream: Upstream, repo: str, principal: Principal, why: str) -> RegistryError:
+    """401 for anonymous clients (so they come back with credentials), 403 for refused credentials."""
+    text = f"access to {repo} on {upstream.name} refused by the upstream"
+    if why:
+        text += f" ({why.removeprefix(f'upstream {upstream.name}: ')})"
+    if principal.client is None:
+        return RegistryError("UNAUTHORIZED", 401, text + "; log in to pull it")
+    return RegistryError("DENIED", 403, text)
