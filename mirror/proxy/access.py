@@ -3,9 +3,10 @@
 Cached content is served to a principal only after upstream let that principal
 read the repository: an anonymous client needs an anonymous HEAD to have
 succeeded, a client with credentials a HEAD with those credentials. Answers are
-kept for the upstream's `access_ttl`; while the upstream is down or throttling,
-the last answer stands (it cannot have refused in the meantime), and with no
-answer at all nothing cached is served. `share_with_anonymous` is the
+trusted for the upstream's `access_ttl` and kept in the metadata database (by
+credential fingerprint, never the secret); while the upstream is down or
+throttling, the last answer stands, across restarts too (upstream cannot have
+refused in the meantime), and with no answer at all nothing cached is served. `share_with_anonymous` is the
 operator's opt-out for trusted networks.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Awaitable, Callable
 from cachetools import LRUCache
 
 from mirror.errors import RegistryError
+from mirror.storage.metadata import Metadata
 from mirror.upstream.auth import Credentials, fingerprint
 from mirror.upstream.client import Upstream, UpstreamError
 
@@ -55,28 +57,40 @@ class Decision:
 
 
 class AccessPolicy:
-    def __init__(self, clock: Callable[[], float] = time.time, maxsize: int = 100_000) -> None:
+    def __init__(self, metadata: Metadata, clock: Callable[[], float] = time.time, maxsize: int = 100_000) -> None:
+        self._metadata = metadata
         self._clock = clock
         self._decisions: LRUCache[tuple[str, str, str], Decision] = LRUCache(maxsize)
 
-    def record(self, upstream: Upstream, repo: str, principal: Principal, allowed: bool, message: str = "") -> None:
-        self._decisions[(upstream.name, repo, principal.name)] = Decision(allowed, self._clock(), message)
+    async def _record(self, key: tuple[str, str, str], allowed: bool, message: str = "") -> None:
+        decision = Decision(allowed, self._clock(), message)
+        self._decisions[key] = decision
+        await self._metadata.put_access(*key, allowed, decision.at, message)
 
-    def learn(self, upstream: Upstream, repo: str, principal: Principal, error: UpstreamError | None) -> None:
+    async def _known(self, key: tuple[str, str, str]) -> Decision | None:
+        known = self._decisions.get(key)
+        if known is None and (row := await self._metadata.get_access(*key)) is not None:
+            known = self._decisions[key] = Decision(*row)
+        return known
+
+    async def learn(self, upstream: Upstream, repo: str, principal: Principal, error: UpstreamError | None) -> None:
         """Learn from an upstream answer to a request made with the principal's own credentials."""
         if not principal.fetches_as_itself:
             return
+        key = (upstream.name, repo, principal.name)
         if error is None:
-            self.record(upstream, repo, principal, True)
+            known = self._decisions.get(key)
+            if not (known and known.allowed and self._clock() - known.at < upstream.config.access_ttl / 2):
+                await self._record(key, True)
         elif error.status in (401, 403):
-            self.record(upstream, repo, principal, False, error.message)
+            await self._record(key, False, error.message)
 
     async def ensure(self, upstream: Upstream, repo: str, principal: Principal, probe: Probe) -> None:
         """Return if `principal` may read `repo`; raise 401/403 (or upstream's failure) if not."""
         if principal.client is None and upstream.config.share_with_anonymous:
             return
         key = (upstream.name, repo, principal.name)
-        known = self._decisions.get(key)
+        known = await self._known(key)
         now = self._clock()
         if known is not None and now - known.at < (upstream.config.access_ttl if known.allowed else DENIAL_TTL):
             if known.allowed:
@@ -88,10 +102,10 @@ class AccessPolicy:
             if exc.outage and known is not None and known.allowed:
                 return  # upstream cannot answer: its last answer stands
             if exc.status in (401, 403):
-                self.record(upstream, repo, principal, False, exc.message)
+                await self._record(key, False, exc.message)
                 raise denied(upstream, repo, principal, exc.message) from None
             raise
-        self.record(upstream, repo, principal, True)
+        await self._record(key, True)
 
 
 def denied(upstream: Upstream, repo: str, principal: Principal, why: str) -> RegistryError:

@@ -106,9 +106,9 @@ class BlobService:
             try:
                 response = await self._stream(request, fetch, head)
             except UpstreamError as exc:
-                self.access.learn(upstream, repo, principal, exc)
+                await self.access.learn(upstream, repo, principal, exc)
                 raise
-            self.access.learn(upstream, repo, principal, None)
+            await self.access.learn(upstream, repo, principal, None)
             return response
         except UpstreamError as exc:
             raise exc.to_registry_error("BLOB_UNKNOWN") from None
@@ -141,9 +141,9 @@ class BlobService:
         try:
             size = await upstream.head_blob(repo, digest, principal.upstream)
         except UpstreamError as exc:
-            self.access.learn(upstream, repo, principal, exc)
+            await self.access.learn(upstream, repo, principal, exc)
             raise exc.to_registry_error("BLOB_UNKNOWN") from None
-        self.access.learn(upstream, repo, principal, None)
+        await self.access.learn(upstream, repo, principal, None)
         resp = web.StreamResponse(status=200, headers=_headers(digest))
         if size is not None:
             resp.content_length = size

@@ -117,9 +117,9 @@ class ManifestService:
         try:
             result = await work
         except UpstreamError as exc:
-            self.access.learn(upstream, repo, principal, exc)
+            await self.access.learn(upstream, repo, principal, exc)
             raise
-        self.access.learn(upstream, repo, principal, None)
+        await self.access.learn(upstream, repo, principal, None)
         return result
 
     # -- by digest ---------------------------------------------------------------

@@ -43,6 +43,15 @@ CREATE TABLE IF NOT EXISTS links (
     PRIMARY KEY (upstream, repo, digest)
 );
 CREATE INDEX IF NOT EXISTS links_digest ON links (digest);
+CREATE TABLE IF NOT EXISTS access (
+    upstream TEXT NOT NULL,
+    repo TEXT NOT NULL,
+    principal TEXT NOT NULL,
+    allowed INTEGER NOT NULL,
+    decided_at REAL NOT NULL,
+    message TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (upstream, repo, principal)
+);
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 """
 
@@ -170,6 +179,23 @@ class Metadata:
         if found:
             self._links[key] = True
         return found
+
+    # -- access decisions -------------------------------------------------------
+    async def get_access(self, upstream: str, repo: str, principal: str) -> tuple[bool, float, str] | None:
+        """Upstream's last answer to "may `principal` (a fingerprint) read `repo`?"."""
+        async with self.db.execute(
+            "SELECT allowed, decided_at, message FROM access WHERE upstream=? AND repo=? AND principal=?",
+            (upstream, repo, principal),
+        ) as cur:
+            row = await cur.fetchone()
+        return (bool(row[0]), row[1], row[2]) if row else None
+
+    async def put_access(self, upstream: str, repo: str, principal: str, allowed: bool, at: float, message: str) -> None:
+        await self.db.execute(
+            "INSERT OR REPLACE INTO access VALUES (?, ?, ?, ?, ?, ?)",
+            (upstream, repo, principal, int(allowed), at, message),
+        )
+        await self.db.commit()
 
     # -- access times ---------------------------------------------------------
     def touch(self, digest: str, now: float) -> None:
