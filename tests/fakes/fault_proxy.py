@@ -24,6 +24,9 @@ class FaultProxy:
         self.hang = False  # never answer (until switched off)
         self.refuse = False  # close connections without answering
         self.delay = 0.0  # seconds to wait between 64 KiB chunks of a response body
+        self.retry_after: int | None = None  # Docker Hub style: GETs of manifests and blobs → 429
+        self.ratelimit_remaining: int | None = None  # sent as ratelimit-* headers on manifest GETs
+        self.requests: list[tuple[str, str]] = []  # (method, path) of every request that came in
         self.url: str | None = None
         self._server = ThreadedServer()
         self._session: aiohttp.ClientSession | None = None
@@ -37,6 +40,13 @@ class FaultProxy:
 
     def reset(self) -> None:
         self.status, self.hang, self.refuse, self.delay = None, False, False, 0.0
+        self.retry_after = self.ratelimit_remaining = None
+
+    def _ratelimit_headers(self, request: web.Request) -> dict[str, str]:
+        if self.ratelimit_remaining is None or request.method != "GET" or "/manifests/" not in request.path:
+            return {}
+        return {"ratelimit-limit": "100;w=21600", "ratelimit-remaining": f"{self.ratelimit_remaining};w=21600",
+                "docker-ratelimit-source": "192.0.2.7"}
 
     def _app(self) -> web.Application:
         app = web.Application()
@@ -50,6 +60,7 @@ class FaultProxy:
         return app
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append((request.method, request.path))
         while self.hang:
             await asyncio.sleep(0.05)
         if self.refuse:
@@ -57,6 +68,12 @@ class FaultProxy:
         if self.status is not None:
             return web.json_response(
                 {"errors": [{"code": "UNAVAILABLE", "message": "injected failure"}]}, status=self.status
+            )
+        pull = request.method == "GET" and ("/manifests/" in request.path or "/blobs/" in request.path)
+        if self.retry_after is not None and pull:
+            return web.json_response(
+                {"errors": [{"code": "TOOMANYREQUESTS", "message": "You have reached your pull rate limit."}]},
+                status=429, headers={"Retry-After": str(self.retry_after), **self._ratelimit_headers(request)},
             )
         if self._session is None:
             self._session = aiohttp.ClientSession(auto_decompress=False)
@@ -69,7 +86,7 @@ class FaultProxy:
         except aiohttp.ClientConnectorError:
             self._abort(request)  # the target is down: look down too
         async with upstream:
-            resp = web.StreamResponse(status=upstream.status)
+            resp = web.StreamResponse(status=upstream.status, headers=self._ratelimit_headers(request))
             for k, v in upstream.headers.items():
                 if k.lower() not in HOP_HEADERS:
                     resp.headers.add(k, v)

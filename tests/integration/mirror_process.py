@@ -18,7 +18,11 @@ from tests.integration.registry import free_port
 class MirrorProcess:
     """A mirror on 127.0.0.1:`port` whose docker.io upstream is `upstream_url`."""
 
-    def __init__(self, workdir: Path, upstream_url: str, tag_ttl: str = "10m", read_timeout: str = "5s") -> None:
+    def __init__(
+        self, workdir: Path, upstream_url: str, tag_ttl: str = "10m", read_timeout: str = "5s",
+        extra: str = "",
+    ) -> None:
+        """`extra` is appended to the TOML file (more upstreams, settings of docker.io)."""
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.data_dir = workdir / "data"
@@ -37,6 +41,7 @@ class MirrorProcess:
             f'tag_ttl = "{tag_ttl}"\n'
             'connect_timeout = "2s"\n'
             f'read_timeout = "{read_timeout}"\n'
+            + extra
         )
         self._process: subprocess.Popen[bytes] | None = None
 
