@@ -51,7 +51,7 @@ async def fake_registry() -> AsyncIterator[FakeRegistry]:
     await registry.close()
 
 
-def mirror_config(upstream_url: str, data_dir: Path, **upstream: float) -> Config:
+def mirror_config(upstream_url: str, data_dir: Path, **upstream: object) -> Config:
     settings = {"tag_ttl": TAG_TTL, "read_timeout": 2.0, "connect_timeout": 2.0, **upstream}
     return Config(
         server=ServerConfig(data_dir=str(data_dir)),

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import secrets
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -225,12 +226,14 @@ class FakeRegistry:
         app.on_response_prepare.append(self._api_version_header)
         return app
 
-    async def start(self) -> str:
-        """Serve on a free loopback port; handlers are cancelled when the client goes away."""
+    async def start(self, ssl_context: ssl.SSLContext | None = None) -> str:
+        """Serve on a free loopback port (HTTPS with `ssl_context`); handlers are cancelled when
+        the client goes away."""
         self._runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=0.1)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        await web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=ssl_context).start()
+        scheme = "https" if ssl_context else "http"
+        self.url = f"{scheme}://127.0.0.1:{self._runner.addresses[0][1]}"
         return self.url
 
     async def close(self) -> None:
