@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import AsyncIterator, Callable
 from aiohttp import web
 
 from mirror import routes
+from mirror.cache.eviction import Evictor, cap_bytes
 from mirror.config import Config
 from mirror.errors import error_middleware
 from mirror.metrics import Metrics
@@ -54,6 +54,8 @@ def make_app(config: Config, clock: Callable[[], float] = time.time) -> web.Appl
         public_url=config.server.public_url,
     )
 
+    manifests = services.manifests
+    evictor = Evictor(store, metadata, metrics, lambda: cap_bytes(config.cache.max_size, data_dir), manifests.forget)
     app = web.Application(middlewares=[metrics_middleware, error_middleware, routes.challenge_middleware])
     app[METRICS] = metrics
     app[routes.SERVICES] = services
@@ -64,14 +66,16 @@ def make_app(config: Config, clock: Callable[[], float] = time.time) -> web.Appl
         store.prepare()
         await metadata.open()
         dropped, adopted = await reconcile(store, metadata)
-        flusher = asyncio.get_running_loop().create_task(_flush_access(metadata))
+        loop = asyncio.get_running_loop()
+        background = [loop.create_task(_flush_access(metadata)), loop.create_task(evictor.run())]
         services.ready = True
-        log.info("mirror ready: data in %s, upstreams %s", data_dir.resolve(), ", ".join(upstreams))
+        log.info("mirror ready: data in %s (%.1f MiB cached, cap %.1f MiB), upstreams %s", data_dir.resolve(),
+                 metadata.size / 2**20, evictor.cap() / 2**20, ", ".join(upstreams))
         yield
         services.ready = False
-        flusher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await flusher
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         await inflight.close()
         for upstream in upstreams.values():
             await upstream.close()

@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from mirror.app import make_app
-from mirror.config import Config, ServerConfig, UpstreamConfig
+from mirror.config import CacheConfig, Config, ServerConfig, UpstreamConfig
 from mirror.routes import SERVICES, Services
 from tests.fakes.registry import FakeRegistry
 
@@ -51,10 +51,11 @@ async def fake_registry() -> AsyncIterator[FakeRegistry]:
     await registry.close()
 
 
-def mirror_config(upstream_url: str, data_dir: Path, **upstream: object) -> Config:
-    settings = {"tag_ttl": TAG_TTL, "read_timeout": 2.0, "connect_timeout": 2.0, **upstream}
+def mirror_config(upstream_url: str, data_dir: Path, max_size: str = "80%", **upstream: object) -> Config:
+    settings = {"tag_ttl": TAG_TTL, "read_timeout": 0.5, "connect_timeout": 2.0, **upstream}
     return Config(
         server=ServerConfig(data_dir=str(data_dir)),
+        cache=CacheConfig(max_size=max_size),
         upstreams={"docker.io": UpstreamConfig("docker.io", upstream_url, **settings)},
     )
 

@@ -20,8 +20,9 @@ from mirror.errors import RegistryError
 from mirror.metrics import Metrics
 from mirror.proxy.access import AccessPolicy, Principal
 from mirror.proxy.inflight import SingleFlight
-from mirror.reference import SHA256_RE, ManifestRef
+from mirror.reference import ManifestRef, referenced_digests
 from mirror.storage.blobs import ContentStore
+from mirror.storage.images import image_parts
 from mirror.storage.metadata import Metadata, TagRow
 from mirror.upstream.auth import Credentials, fingerprint
 from mirror.upstream.client import MANIFEST_TYPES, Upstream, UpstreamError
@@ -30,6 +31,7 @@ log = logging.getLogger("mirror.manifests")
 
 ACCEPT_ALL = ", ".join(MANIFEST_TYPES)
 MEMORY_BYTES = 64 << 20
+PARTS_RECHECK = 60.0
 T = TypeVar("T")
 
 
@@ -54,24 +56,6 @@ def _answer(m: CachedManifest, result: str) -> Answer:
     return Answer(m.digest, m.media_type, m.body, result)
 
 
-def referenced_digests(body: bytes) -> list[str]:
-    """Digests a manifest or index points at: config, layers, child manifests, subject."""
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        return []
-    if not isinstance(doc, dict):
-        return []
-    found: list[str] = []
-    for key in ("config", "subject"):
-        if isinstance(doc.get(key), dict):
-            found.append(doc[key].get("digest"))
-    for key in ("layers", "manifests", "blobs"):
-        if isinstance(doc.get(key), list):
-            found.extend(d.get("digest") for d in doc[key] if isinstance(d, dict))
-    return [d for d in found if isinstance(d, str) and SHA256_RE.fullmatch(d)]
-
-
 def accepts(accept_headers: Iterable[str], media_type: str) -> bool:
     """Whether a client's Accept headers admit `media_type` (no header admits anything)."""
     types = {t.split(";")[0].strip() for h in accept_headers for t in h.split(",") if t.strip()}
@@ -90,6 +74,8 @@ class ManifestService:
         self.clock = clock
         self._memory: LRUCache[str, CachedManifest] = LRUCache(MEMORY_BYTES, getsizeof=lambda m: len(m.body))
         self._flights = SingleFlight()
+        # digest → (its image's parts, when to look again: None once every part is cached)
+        self._parts: LRUCache[str, tuple[tuple[str, ...], float | None]] = LRUCache(100_000)
 
     async def get(
         self, upstream: Upstream, repo: str, ref: ManifestRef, accept: list[str], principal: Principal
@@ -104,8 +90,24 @@ class ManifestService:
                 return await self._passthrough(upstream, repo, str(ref), accept, principal)
         except UpstreamError as exc:
             raise exc.to_registry_error("MANIFEST_UNKNOWN") from None
-        self.metadata.touch(answer.digest, self.clock())
+        await self._touch_image(answer.digest)
         return answer
+
+    async def _touch_image(self, digest: str) -> None:
+        """Bump every part of the image, so its parts age together and are evicted whole."""
+        now = self.clock()
+        known = self._parts.get(digest)
+        if known is None or (known[1] is not None and now > known[1]):
+            found, complete = await image_parts(self.metadata, self.store, digest)
+            known = self._parts[digest] = (tuple(found), None if complete else now + PARTS_RECHECK)
+        for part in known[0]:
+            self.metadata.touch(part, now)
+
+    def forget(self, digests: list[str]) -> None:
+        """Evicted content leaves the in-memory caches too."""
+        for digest in digests:
+            self._memory.pop(digest, None)
+        self._parts.clear()
 
     async def _allow(self, upstream: Upstream, repo: str, principal: Principal, ref: str) -> None:
         await self.access.ensure(

@@ -52,6 +52,12 @@ CREATE TABLE IF NOT EXISTS access (
     message TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (upstream, repo, principal)
 );
+CREATE TABLE IF NOT EXISTS pins (
+    upstream TEXT NOT NULL,
+    repo TEXT NOT NULL,
+    ref TEXT NOT NULL,
+    PRIMARY KEY (upstream, repo, ref)
+);
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 """
 
@@ -86,6 +92,7 @@ class Metadata:
         self._tags: LRUCache[tuple[str, str, str], TagRow] = LRUCache(cache_entries)
         self._links: LRUCache[tuple[str, str, str], bool] = LRUCache(cache_entries)
         self._access: dict[str, float] = {}
+        self.size = 0  # bytes of content with a row, kept current as rows come and go
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -108,6 +115,7 @@ class Metadata:
                 f"{self.path} has schema version {row[0]}; this mirror understands up to {SCHEMA_VERSION}"
             )
         await self.db.commit()
+        self.size = await self.total_size()
 
     async def close(self) -> None:
         if self._db is not None:
@@ -142,12 +150,18 @@ class Metadata:
 
     # -- content and links ----------------------------------------------------
     async def add_content(self, digest: str, size: int, media_type: str | None, kind: str, now: float) -> None:
-        await self.db.execute(
-            "INSERT INTO content (digest, size, media_type, kind, created_at, last_access) VALUES (?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT(digest) DO UPDATE SET last_access=excluded.last_access,"
-            " media_type=coalesce(content.media_type, excluded.media_type)",
+        cur = await self.db.execute(
+            "INSERT OR IGNORE INTO content (digest, size, media_type, kind, created_at, last_access)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
             (digest, size, media_type, kind, now, now),
         )
+        if cur.rowcount:
+            self.size += size
+        else:
+            await self.db.execute(
+                "UPDATE content SET last_access=?, media_type=coalesce(media_type, ?) WHERE digest=?",
+                (now, media_type, digest),
+            )
         await self.db.commit()
 
     async def get_content(self, digest: str) -> ContentRow | None:
@@ -212,6 +226,30 @@ class Metadata:
         )
         await self.db.commit()
 
+    # -- size, eviction and pins ------------------------------------------------
+    async def total_size(self) -> int:
+        async with self.db.execute("SELECT COALESCE(SUM(size), 0) FROM content") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def content_usage(self) -> list[tuple[str, int, str, float]]:
+        """(digest, size, kind, last_access) of everything cached, for eviction planning."""
+        async with self.db.execute("SELECT digest, size, kind, last_access FROM content") as cur:
+            return [(d, int(size), kind, float(at)) async for d, size, kind, at in cur]
+
+    async def add_pin(self, upstream: str, repo: str, ref: str) -> None:
+        await self.db.execute("INSERT OR IGNORE INTO pins VALUES (?, ?, ?)", (upstream, repo, ref))
+        await self.db.commit()
+
+    async def remove_pin(self, upstream: str, repo: str, ref: str) -> bool:
+        cur = await self.db.execute("DELETE FROM pins WHERE upstream=? AND repo=? AND ref=?", (upstream, repo, ref))
+        await self.db.commit()
+        return cur.rowcount > 0
+
+    async def pins(self) -> list[tuple[str, str, str]]:
+        async with self.db.execute("SELECT upstream, repo, ref FROM pins ORDER BY upstream, repo, ref") as cur:
+            return [(u, r, ref) async for u, r, ref in cur]
+
     # -- reconciliation ---------------------------------------------------------
     async def all_content(self) -> dict[str, int]:
         async with self.db.execute("SELECT digest, size FROM content") as cur:
@@ -219,6 +257,10 @@ class Metadata:
 
     async def drop_content(self, digests: Iterable[str]) -> None:
         batch = [(d,) for d in digests]
+        for (digest,) in batch:
+            async with self.db.execute("SELECT size FROM content WHERE digest=?", (digest,)) as cur:
+                row = await cur.fetchone()
+            self.size -= int(row[0]) if row else 0
         await self.db.executemany("DELETE FROM content WHERE digest=?", batch)
         await self.db.executemany("DELETE FROM links WHERE digest=?", batch)
         await self.db.executemany("DELETE FROM tags WHERE digest=?", batch)
