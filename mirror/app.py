@@ -42,7 +42,7 @@ def make_app(config: Config, clock: Callable[[], float] = time.time) -> web.Appl
     upstream_tokens = TokenCache(clock)
     limits = RateLimits(metrics, clock)
     upstreams = {name: Upstream(cfg, upstream_tokens, limits, metrics) for name, cfg in config.upstreams.items()}
-    inflight = Inflight(store, metrics)
+    inflight = Inflight(store, metrics, on_disk_full=lambda: evictor.wake())
     access = AccessPolicy(metadata, clock)
     services = routes.Services(
         router=Router(upstreams, config.server.default_upstream),

@@ -10,6 +10,7 @@ connection is then aborted so its client sees a truncated transfer.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 from typing import Any, AsyncIterator, Awaitable, Callable, Hashable, TypeVar
@@ -24,6 +25,7 @@ from mirror.upstream.client import Upstream, UpstreamError
 log = logging.getLogger("mirror.inflight")
 
 READ_CHUNK = 1 << 20
+RELAY_LIMIT = 16 << 20  # memory a pass-through fetch may hold for its slowest reader
 T = TypeVar("T")
 
 
@@ -47,6 +49,11 @@ class Fetch:
         self._fd = -1
         self._readers = 0
         self._began = False
+        # after the disk filled up: bytes past `_on_disk` are relayed from memory (offset, bytes)
+        self._on_disk: int | None = None
+        self._tail: list[tuple[int, bytes]] = []
+        self._positions: dict[object, int] = {}
+        self._consumed = asyncio.Event()
 
     def _begin(self, writer: BlobWriter, size: int | None) -> None:
         self._fd = os.open(writer.tmp_path, os.O_RDONLY | os.O_CLOEXEC)
@@ -92,19 +99,50 @@ class Fetch:
         Call only between `join` and `leave`, after `wait_started`.
         """
         pos = start
-        while end is None or pos < end:
-            if self.error is not None:
-                raise FetchFailed(str(self.error))
-            available = self.written if self.done else self._unverified_limit()
-            if pos < available:
-                want = available - pos if end is None else min(available, end) - pos
-                data = os.pread(self._fd, min(want, READ_CHUNK), pos)
-                pos += len(data)
-                yield data
-            elif self.done:
-                break
-            else:
-                await self._progress.wait()
+        me = object()
+        self._positions[me] = pos
+        try:
+            while end is None or pos < end:
+                if self.error is not None:
+                    raise FetchFailed(str(self.error))
+                available = self.written if self.done else self._unverified_limit()
+                if pos < available:
+                    limit = available if end is None else min(available, end)
+                    data = self._read_at(pos, limit)
+                    pos += len(data)
+                    self._positions[me] = pos
+                    self._consumed.set()
+                    yield data
+                elif self.done:
+                    break
+                else:
+                    await self._progress.wait()
+        finally:
+            del self._positions[me]
+            self._consumed.set()
+
+    def _read_at(self, pos: int, limit: int) -> bytes:
+        """Bytes from `pos` (up to `limit`): from the temp file, or from memory past a full disk."""
+        if self._on_disk is None or pos < self._on_disk:
+            stop = limit if self._on_disk is None else min(limit, self._on_disk)
+            return os.pread(self._fd, min(stop - pos, READ_CHUNK), pos)
+        for offset, chunk in self._tail:
+            if offset <= pos < offset + len(chunk):
+                return chunk[pos - offset:limit - offset]
+        raise FetchFailed(f"bytes at {pos} of {self.digest} are no longer held")
+
+    async def _relay(self, chunk: bytes, offset: int) -> None:
+        """Keep a chunk the disk could not take for the readers; wait while they lag too far."""
+        self._tail.append((offset, chunk))
+        while True:
+            slowest = min(self._positions.values(), default=None)
+            if slowest is None:
+                raise FetchFailed("the disk is full and no reader is left to pass the blob through to")
+            self._tail = [(o, c) for o, c in self._tail if o + len(c) > slowest]
+            if sum(len(c) for _, c in self._tail) <= RELAY_LIMIT:
+                return
+            self._consumed.clear()
+            await self._consumed.wait()
 
     def _unverified_limit(self) -> int:
         """Until verified, the last byte is held back, so a bad blob always reaches clients truncated."""
@@ -116,9 +154,10 @@ OnStored = Callable[[Fetch], Awaitable[None]]
 class Inflight:
     """The process-wide table of running fetches, keyed by digest."""
 
-    def __init__(self, store: ContentStore, metrics: Metrics) -> None:
+    def __init__(self, store: ContentStore, metrics: Metrics, on_disk_full: Callable[[], None] = lambda: None) -> None:
         self._store = store
         self._metrics = metrics
+        self._on_disk_full = on_disk_full
         self._fetches: dict[str, Fetch] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -138,6 +177,14 @@ class Inflight:
         task.add_done_callback(self._tasks.discard)
         return fetch
 
+    def _disk_failed(self, fetch: Fetch, writer: BlobWriter, exc: OSError) -> None:
+        """The disk refused a write: pass the rest through to the readers, store nothing."""
+        fetch._on_disk = writer.on_disk
+        self._fetches.pop(fetch.digest, None)  # newcomers start afresh rather than join a relay
+        self._metrics.store_failures.labels(errno.errorcode.get(exc.errno or 0, "EIO")).inc()
+        log.error("cannot store %s (%s); passing it through uncached and evicting early", fetch.digest, exc.strerror)
+        self._on_disk_full()
+
     async def close(self) -> None:
         """Cancel running fetches at shutdown; their temp files are removed."""
         for task in list(self._tasks):
@@ -154,11 +201,24 @@ class Inflight:
                 writer = self._store.writer(fetch.digest, resp.content_length)
                 fetch._begin(writer, resp.content_length)
                 while chunk := await resp.content.read(READ_CHUNK):
-                    await asyncio.to_thread(writer.write, chunk)
+                    if fetch._on_disk is None:
+                        offset = writer.on_disk
+                        try:
+                            await asyncio.to_thread(writer.write, chunk)
+                        except OSError as exc:
+                            self._disk_failed(fetch, writer, exc)
+                            await fetch._relay(chunk[writer.on_disk - offset:], writer.on_disk)
+                    else:
+                        offset = writer.written
+                        writer.hash_only(chunk)
+                        await fetch._relay(chunk, offset)
                     fetch._advance(writer.written)
                 self._metrics.upstream_bytes.labels(upstream.name).inc(writer.written)
-            await asyncio.to_thread(writer.commit)
-            await on_stored(fetch)
+            if fetch._on_disk is None:
+                await asyncio.to_thread(writer.commit)
+                await on_stored(fetch)
+            else:
+                writer.verify()  # passed through, not stored: the readers got verified bytes
         except DigestMismatch as exc:
             error = exc
             self._metrics.digest_mismatches.labels(upstream.name).inc()
@@ -170,6 +230,9 @@ class Inflight:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             error = UpstreamError(upstream.name, None, f"blob {fetch.digest} broke off after {fetch.written} bytes: {exc or 'read timed out'}")
             log.error("%s", error)
+        except FetchFailed as exc:
+            error = exc
+            log.warning("fetch of %s stopped: %s", fetch.digest, exc)
         except asyncio.CancelledError:
             error = FetchFailed("mirror shutting down")
             raise
@@ -179,7 +242,8 @@ class Inflight:
         finally:
             if writer is not None:
                 writer.close()
-            del self._fetches[fetch.digest]
+            if self._fetches.get(fetch.digest) is fetch:
+                del self._fetches[fetch.digest]
             fetch._finish(error)
             self._metrics.inflight_fetches.dec()
 

@@ -90,25 +90,40 @@ class BlobWriter:
         self.tmp_path = store.tmp_dir / f"{digest[7:19]}-{secrets.token_hex(8)}"
         self._fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         self._hash = hashlib.sha256()
-        self.written = 0
+        self.written = 0  # bytes seen (hashed)
+        self.on_disk = 0  # bytes in the temp file
         self._done = False
 
     def write(self, data: bytes | memoryview) -> None:
-        """Append and hash; blocking, so large chunks go through a worker thread."""
+        """Append and hash; blocking, so large chunks go through a worker thread.
+
+        On an OSError (a full disk) the bytes are hashed all the same, so `verify` still
+        works, and the caller decides what to do with the bytes it holds.
+        """
+        self._hash.update(data)
+        self.written += len(data)
         view = memoryview(data)
         while view:
             n = os.write(self._fd, view)
+            self.on_disk += n
             view = view[n:]
+
+    def hash_only(self, data: bytes | memoryview) -> None:
+        """Account for bytes that were not written (pass-through after the disk filled up)."""
         self._hash.update(data)
         self.written += len(data)
 
-    def commit(self) -> None:
-        """Verify size and digest, fsync, then atomically publish at the content path."""
+    def verify(self) -> None:
+        """Raise DigestMismatch unless every byte seen hashes to the digest, at the expected size."""
         if self.expected_size is not None and self.written != self.expected_size:
             raise DigestMismatch(f"{self.digest}: expected {self.expected_size} bytes, got {self.written}")
         actual = "sha256:" + self._hash.hexdigest()
         if actual != self.digest:
             raise DigestMismatch(f"expected {self.digest}, content hashes to {actual}")
+
+    def commit(self) -> None:
+        """Verify size and digest, fsync, then atomically publish at the content path."""
+        self.verify()
         os.fsync(self._fd)
         self.final_path.parent.mkdir(exist_ok=True)
         os.rename(self.tmp_path, self.final_path)
