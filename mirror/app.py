@@ -9,7 +9,8 @@ from typing import AsyncIterator, Callable
 
 from aiohttp import web
 
-from mirror import routes
+from mirror import adminapi, routes
+from mirror.cache.admin import CacheAdmin
 from mirror.cache.eviction import Evictor, cap_bytes
 from mirror.config import Config
 from mirror.errors import error_middleware
@@ -23,6 +24,7 @@ from mirror.proxy.tags import TagListService
 from mirror.proxy.tokens import TokenService
 from mirror.routing import Router
 from mirror.storage.blobs import ContentStore
+from mirror.storage.lock import DataDirLock
 from mirror.storage.metadata import Metadata
 from mirror.storage.reconcile import reconcile
 from mirror.upstream.auth import TokenCache
@@ -54,15 +56,19 @@ def make_app(config: Config, clock: Callable[[], float] = time.time) -> web.Appl
         public_url=config.server.public_url,
     )
 
-    manifests = services.manifests
-    evictor = Evictor(store, metadata, metrics, lambda: cap_bytes(config.cache.max_size, data_dir), manifests.forget)
+    lock = DataDirLock(data_dir)
+    cap = lambda: cap_bytes(config.cache.max_size, data_dir)  # noqa: E731 (a share of the disk is read anew)
+    evictor = Evictor(store, metadata, metrics, cap, services.manifests.forget)
+    admin = CacheAdmin(store, metadata, services.router, evictor, cap, clock, services.hits, inflight.temp_files)
     app = web.Application(middlewares=[metrics_middleware, error_middleware, routes.challenge_middleware])
     app[METRICS] = metrics
     app[routes.SERVICES] = services
     routes.setup(app)
+    adminapi.setup(app, admin, config.server.admin_token)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         data_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
         store.prepare()
         await metadata.open()
         dropped, adopted = await reconcile(store, metadata)
@@ -80,6 +86,7 @@ def make_app(config: Config, clock: Callable[[], float] = time.time) -> web.Appl
         for upstream in upstreams.values():
             await upstream.close()
         await metadata.close()
+        lock.release()
 
     async def stop_being_ready(app: web.Application) -> None:
         services.ready = False

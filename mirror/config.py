@@ -60,6 +60,7 @@ class ServerConfig:
     tls_cert: str = ""
     tls_key: str = ""
     public_url: str = ""
+    admin_token: str = ""  # lets /admin/ answer callers that are not on loopback
 
 
 @dataclass(frozen=True)

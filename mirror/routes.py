@@ -1,7 +1,8 @@
 """Thin handlers: parse and validate, route to an upstream, call a service, shape the response."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
@@ -33,6 +34,7 @@ class Services:
     metrics: Metrics
     public_url: str = ""
     ready: bool = False
+    hits: Counter[tuple[str, str]] = field(default_factory=Counter)  # (upstream, repo) → cache hits
 
 
 SERVICES = web.AppKey("services", Services)
@@ -75,6 +77,7 @@ async def manifest(request: web.Request) -> web.StreamResponse:
     ref = parse_reference(request.match_info["reference"])
     answer = await _services(request).manifests.get(upstream, repo, ref, request.headers.getall("Accept", []), principal)
     request[RESULT] = answer.result
+    _count_hit(request, upstream, repo)
     headers = {
         "Content-Type": answer.media_type,
         "Docker-Content-Digest": answer.digest,
@@ -90,7 +93,14 @@ async def blob(request: web.Request) -> web.StreamResponse:
     _read_only(request)
     upstream, repo, principal = _target(request)
     digest = parse_digest(request.match_info["digest"])
-    return await _services(request).blobs.serve(request, upstream, repo, digest, principal)
+    response = await _services(request).blobs.serve(request, upstream, repo, digest, principal)
+    _count_hit(request, upstream, repo)
+    return response
+
+
+def _count_hit(request: web.Request, upstream: Upstream, repo: str) -> None:
+    if request.get(RESULT) in ("hit", "coalesced"):
+        _services(request).hits[(upstream.name, repo)] += 1
 
 
 async def tags(request: web.Request) -> web.Response:

@@ -96,7 +96,7 @@ class Evictor:
                 break
             chosen = [d for d in unit.release() if d not in pinned]
             sizes = {d: plan.sizes[d] for d in chosen}
-            await self._remove(chosen)
+            await self.remove(chosen)
             removed += len(chosen)
             freed += sum(sizes.values())
         if removed:
@@ -109,10 +109,11 @@ class Evictor:
                         (self.metadata.size - target) / 2**20)
         return removed, freed
 
-    async def _remove(self, digests: list[str]) -> None:
+    async def remove(self, digests: list[str]) -> None:
+        """Drop content: rows first (nothing then points at a file about to go), then files."""
         if not digests:
             return
-        await self.metadata.drop_content(digests)  # rows first: nothing points at a file about to go
+        await self.metadata.drop_content(digests)
         await asyncio.to_thread(lambda: [self.store.remove(d) for d in digests])
         self.on_evicted(digests)
 

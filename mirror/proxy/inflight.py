@@ -41,6 +41,7 @@ class Fetch:
         self.upstream = upstream
         self.repo = repo
         self.size: int | None = None
+        self.tmp_name = ""
         self.written = 0
         self.done = False
         self.error: BaseException | None = None
@@ -57,6 +58,7 @@ class Fetch:
 
     def _begin(self, writer: BlobWriter, size: int | None) -> None:
         self._fd = os.open(writer.tmp_path, os.O_RDONLY | os.O_CLOEXEC)
+        self.tmp_name = writer.tmp_path.name
         self.size = size
         self._began = True
         self.started.set()
@@ -160,6 +162,10 @@ class Inflight:
         self._on_disk_full = on_disk_full
         self._fetches: dict[str, Fetch] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def temp_files(self) -> set[str]:
+        """Names of the temp files running fetches are writing (garbage collection keeps them)."""
+        return {f.tmp_name for f in self._fetches.values() if f.tmp_name}
 
     def join(self, digest: str) -> Fetch | None:
         """The running fetch of `digest`, with the caller registered as a reader."""

@@ -250,6 +250,49 @@ class Metadata:
         async with self.db.execute("SELECT upstream, repo, ref FROM pins ORDER BY upstream, repo, ref") as cur:
             return [(u, r, ref) async for u, r, ref in cur]
 
+    # -- inspection and maintenance ---------------------------------------------
+    async def usage_by_kind(self) -> dict[str, tuple[int, int]]:
+        """kind → (objects, bytes)."""
+        async with self.db.execute("SELECT kind, COUNT(*), COALESCE(SUM(size), 0) FROM content GROUP BY kind") as cur:
+            return {kind: (int(n), int(size)) async for kind, n, size in cur}
+
+    async def oldest_access(self) -> float | None:
+        async with self.db.execute("SELECT MIN(last_access) FROM content") as cur:
+            row = await cur.fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
+    async def repositories_by_size(self, limit: int) -> list[tuple[str, str, int]]:
+        """(upstream, repo, bytes of cached content linked to it), largest first."""
+        async with self.db.execute(
+            "SELECT l.upstream, l.repo, SUM(c.size) FROM links l JOIN content c ON c.digest = l.digest"
+            " GROUP BY l.upstream, l.repo ORDER BY 3 DESC LIMIT ?",
+            (limit,),
+        ) as cur:
+            return [(u, r, int(size)) async for u, r, size in cur]
+
+    async def repository_digests(self, upstream: str, repo: str) -> tuple[set[str], set[str]]:
+        """Digests linked to the repository: (only to it, to other repositories too)."""
+        async with self.db.execute(
+            "SELECT l.digest, (SELECT COUNT(*) FROM links o WHERE o.digest = l.digest"
+            " AND NOT (o.upstream = l.upstream AND o.repo = l.repo)) FROM links l WHERE l.upstream=? AND l.repo=?",
+            (upstream, repo),
+        ) as cur:
+            rows = [(d, int(others)) async for d, others in cur]
+        return {d for d, others in rows if not others}, {d for d, others in rows if others}
+
+    async def forget_repository(self, upstream: str, repo: str) -> None:
+        """Drop a repository's tags, links and access decisions (its content is dropped separately)."""
+        for table in ("tags", "links", "access"):
+            await self.db.execute(f"DELETE FROM {table} WHERE upstream=? AND repo=?", (upstream, repo))
+        await self.db.commit()
+        self._tags.clear()
+        self._links.clear()
+
+    async def drop_tag(self, upstream: str, repo: str, tag: str) -> None:
+        await self.db.execute("DELETE FROM tags WHERE upstream=? AND repo=? AND tag=?", (upstream, repo, tag))
+        await self.db.commit()
+        self._tags.pop((upstream, repo, tag), None)
+
     # -- reconciliation ---------------------------------------------------------
     async def all_content(self) -> dict[str, int]:
         async with self.db.execute("SELECT digest, size FROM content") as cur:

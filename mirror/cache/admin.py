@@ -1,0 +1,160 @@
+"""Cache inspection and maintenance: stats, pins, purges and garbage collection.
+
+The same operations run inside a running mirror (behind `/admin/`) and directly
+on a stopped mirror's data directory (from the command line), so they never
+race a server over its database.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+from mirror.cache.eviction import Evictor, pinned_digests, plan_images
+from mirror.errors import RegistryError
+from mirror.reference import TAG_RE, parse_digest
+from mirror.routing import Router
+from mirror.storage.blobs import ContentStore
+from mirror.storage.metadata import Metadata
+from mirror.storage.reconcile import reconcile
+
+
+class AdminError(Exception):
+    """A request the cache cannot carry out; the message says why."""
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    upstream: str
+    repo: str
+    tag: str | None
+    digest: str | None
+
+    @property
+    def ref(self) -> str:
+        return self.digest or self.tag or "latest"
+
+    def __str__(self) -> str:
+        return f"{self.upstream}/{self.repo}" + (f"@{self.digest}" if self.digest else f":{self.tag}")
+
+
+def parse_image(text: str, router: Router) -> ImageRef:
+    """`alpine`, `alpine:3`, `ghcr.io/org/img:tag`, `quay.io/x/y@sha256:…` → an ImageRef."""
+    name, _, digest = text.strip().partition("@")
+    tag = None
+    head, slash, last = name.rpartition("/")
+    if ":" in last:
+        last, tag = last.split(":", 1)
+        name = head + slash + last
+    try:
+        if digest:
+            parse_digest(digest)
+        if tag is not None and not TAG_RE.fullmatch(tag):
+            raise AdminError(f"{text!r}: invalid tag {tag!r}")
+        upstream, repo = router.route(name, None)
+    except RegistryError as exc:
+        raise AdminError(f"{text!r}: {exc.message}") from None
+    return ImageRef(upstream.name, repo, None if digest else tag or "latest", digest or None)
+
+
+@dataclass
+class CacheAdmin:
+    store: ContentStore
+    metadata: Metadata
+    router: Router
+    evictor: Evictor
+    cap: Callable[[], int]
+    clock: Callable[[], float] = time.time
+    hits: Counter[tuple[str, str]] = field(default_factory=Counter)  # (upstream, repo) → hits since start
+    busy_tmp: Callable[[], set[str]] = set  # temp files of fetches in progress (kept by gc)
+
+    async def _digest_of(self, image: ImageRef) -> str:
+        if image.digest:
+            if await self.metadata.get_content(image.digest) is None:
+                raise AdminError(f"{image} is not cached: pull it first (e.g. `mirror warm {image}`)")
+            return image.digest
+        row = await self.metadata.get_tag(image.upstream, image.repo, image.ref)
+        if row is None or await self.metadata.get_content(row.digest) is None:
+            raise AdminError(f"{image} is not cached: pull it first (e.g. `mirror warm {image}`)")
+        return row.digest
+
+    async def stats(self, top: int = 10) -> dict[str, object]:
+        by_kind = await self.metadata.usage_by_kind()
+        oldest = await self.metadata.oldest_access()
+        return {
+            "size_bytes": self.metadata.size,
+            "max_bytes": self.cap(),
+            "objects": {kind: n for kind, (n, _size) in by_kind.items()},
+            "bytes_by_kind": {kind: size for kind, (_n, size) in by_kind.items()},
+            "oldest_access": oldest,
+            "pins": [f"{u}/{r}" + (f"@{ref}" if ":" in ref else f":{ref}") for u, r, ref in await self.metadata.pins()],
+            "top_by_size": [{"repository": f"{u}/{r}", "bytes": b}
+                            for u, r, b in await self.metadata.repositories_by_size(top)],
+            "top_by_hits": [{"repository": f"{u}/{r}", "hits": n} for (u, r), n in self.hits.most_common(top)],
+        }
+
+    async def pin(self, text: str) -> dict[str, object]:
+        image = parse_image(text, self.router)
+        await self._digest_of(image)
+        await self.metadata.add_pin(image.upstream, image.repo, image.ref)
+        return {"pinned": str(image)}
+
+    async def unpin(self, text: str) -> dict[str, object]:
+        image = parse_image(text, self.router)
+        if not await self.metadata.remove_pin(image.upstream, image.repo, image.ref):
+            raise AdminError(f"{image} is not pinned")
+        return {"unpinned": str(image)}
+
+    async def purge(self, image: str | None = None, repo: str | None = None,
+                    older_than: float | None = None) -> dict[str, object]:
+        """Remove one image, a repository's content, or whatever was not used for a while.
+
+        Parts another cached image uses stay; pinned content stays (unpin it first).
+        """
+        if sum(x is not None for x in (image, repo, older_than)) != 1:
+            raise AdminError("purge takes exactly one of: an image reference, --repo NAME, --older-than DURATION")
+        await self.metadata.flush_access()
+        pinned = await pinned_digests(self.metadata, self.store)
+        plan = await asyncio.to_thread(plan_images, await self.metadata.content_usage(), self.store)
+        doomed: set[str] = set()
+        if image is not None:
+            ref = parse_image(image, self.router)
+            digest = await self._digest_of(ref)
+            parts = next((u.closure for u in plan if u.root == digest), None) or {digest}
+            others = set().union(*(u.closure for u in plan if u.root not in parts))
+            doomed = (parts - others) | {digest}
+            if ref.tag:
+                await self.metadata.drop_tag(ref.upstream, ref.repo, ref.tag)
+        elif repo is not None:
+            try:
+                up, name = self.router.route(repo, None)
+            except RegistryError as exc:
+                raise AdminError(f"{repo!r}: {exc.message}") from None
+            upstream = up.name
+            only_here, _shared = await self.metadata.repository_digests(upstream, name)
+            doomed = only_here & set(plan.sizes)
+            await self.metadata.forget_repository(upstream, name)
+        else:
+            assert older_than is not None
+            cutoff = self.clock() - older_than
+            for unit in plan:
+                if unit.last_access < cutoff:
+                    doomed.update(unit.release())
+        kept = doomed & pinned
+        doomed -= pinned
+        await self.evictor.remove(sorted(doomed))
+        return {"removed": len(doomed), "bytes": sum(plan.sizes.get(d, 0) for d in doomed),
+                "kept_pinned": len(kept)}
+
+    async def gc(self) -> dict[str, object]:
+        """Reconcile rows with files, and remove temp files no fetch is writing."""
+        dropped, adopted = await reconcile(self.store, self.metadata)
+        busy = self.busy_tmp()
+        stale = 0
+        for path in list(self.store.tmp_dir.iterdir()):
+            if path.name not in busy:
+                path.unlink(missing_ok=True)
+                stale += 1
+        return {"dropped_rows": dropped, "adopted_files": adopted, "removed_temp_files": stale}
