@@ -14,7 +14,7 @@ from mirror.cache.admin import CacheAdmin
 from mirror.cache.eviction import Evictor, cap_bytes
 from mirror.config import Config
 from mirror.errors import error_middleware
-from mirror.metrics import Metrics
+from mirror.metrics import Metrics, read_cache_usage
 from mirror.observe import METRICS, metrics_middleware
 from mirror.proxy.access import AccessPolicy
 from mirror.proxy.blobs import BlobService
@@ -59,7 +59,9 @@ def make_app(config: Config, clock: Callable[[], float] = time.time) -> web.Appl
     lock = DataDirLock(data_dir)
     cap = lambda: cap_bytes(config.cache.max_size, data_dir)  # noqa: E731 (a share of the disk is read anew)
     evictor = Evictor(store, metadata, metrics, cap, services.manifests.forget)
-    admin = CacheAdmin(store, metadata, services.router, evictor, cap, clock, services.hits, inflight.temp_files)
+    metrics.watch_cache(lambda: read_cache_usage(metadata.path), cap)
+    admin = CacheAdmin(store, metadata, services.router, evictor, cap, clock, services.hits, inflight.temp_files,
+                       lambda: hit_ratio(metrics))
     app = web.Application(middlewares=[metrics_middleware, error_middleware, routes.challenge_middleware])
     app[METRICS] = metrics
     app[routes.SERVICES] = services
@@ -94,6 +96,18 @@ def make_app(config: Config, clock: Callable[[], float] = time.time) -> web.Appl
     app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(stop_being_ready)
     return app
+
+
+def hit_ratio(metrics: Metrics) -> float | None:
+    """Share of manifest and blob requests answered from the cache since start."""
+    counts: dict[str, float] = {}
+    for family in metrics.requests.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total") and sample.labels["kind"] in ("manifest", "blob"):
+                counts[sample.labels["result"]] = counts.get(sample.labels["result"], 0) + sample.value
+    total = sum(counts.values())
+    cached = counts.get("hit", 0) + counts.get("coalesced", 0) + counts.get("stale", 0)
+    return cached / total if total else None
 
 
 async def _flush_access(metadata: Metadata) -> None:

@@ -8,10 +8,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-from mirror import clientconfig
+from mirror import cachecli, clientconfig
 from mirror import config as configuration
 from mirror.observe import AccessLogger, setup_logging
 from mirror.app import make_app
+from mirror.storage.lock import DataDirBusy
 from mirror.storage.metadata import SchemaTooNew
 
 EXIT_CONFIG = 2
@@ -37,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="registries to mirror (default: every configured upstream)")
     client.add_argument("--config", help="the mirror's TOML configuration (its upstreams and public_url)")
     client.add_argument("--write", metavar="DIR", help="write the files under DIR instead of printing them")
+    cachecli.add_parsers(sub)
     return parser
 
 
@@ -46,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         return _check_config(args.file)
     if args.command == "config":
         return _client_config(args)
+    if args.command in ("cache", "warm"):
+        return cachecli.run(args)
     return _serve(getattr(args, "config", None), getattr(args, "listen", None), getattr(args, "data_dir", None))
 
 
@@ -132,7 +136,7 @@ def _serve(path: str | None, listen: str | None, data_dir: str | None) -> int:
             ssl_context=tls,
             print=lambda msg: logging.getLogger("mirror").info("listening on %s://%s:%d", scheme, host, port),
         )
-    except SchemaTooNew as exc:
+    except (SchemaTooNew, DataDirBusy) as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except OSError as exc:

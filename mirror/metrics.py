@@ -9,16 +9,14 @@ being the invisible first sample of a new series.
 from __future__ import annotations
 
 import logging
-import shutil
 import sqlite3
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from mirror.config import parse_size
 
 log = logging.getLogger("mirror.metrics")
 
@@ -69,6 +67,9 @@ class Metrics:
         self.digest_mismatches = Counter(
             "mirror_digest_mismatches", "Upstream content that did not match its digest (discarded)",
             ["upstream"], registry=r)
+        self.store_failures = Counter(
+            "mirror_store_failures", "Fetched content that could not be written to disk (passed through uncached)",
+            ["reason"], registry=r)
         self.evictions = Counter(
             "mirror_evictions", "Content objects removed from the cache to stay under its size cap", registry=r)
         self.evicted_bytes = Counter(
@@ -76,6 +77,7 @@ class Metrics:
         self.cache = CacheCollector()
         r.register(self.cache)
         for kind in CONTENT_KINDS:
+            self.request_duration.labels(kind)
             for method in ("GET", "HEAD"):
                 for result in RESULTS:
                     self.requests.labels(kind, method, result)
@@ -84,10 +86,10 @@ class Metrics:
         for result in ("unchanged", "changed", "error"):
             self.tag_revalidations.labels(result)
 
-    def watch_cache(self, db_path: Path, data_dir: Path, max_size: str) -> None:
-        """Report the cache's size and object counts from its metadata, and its cap, at scrape time."""
-        self.cache.usage = lambda: read_cache_usage(db_path)
-        self.cache.max_bytes = lambda: cache_max_bytes(data_dir, max_size)
+    def watch_cache(self, usage: Callable[[], CacheUsage | None], max_bytes: Callable[[], int | None]) -> None:
+        """Report the cache's usage and its cap (e.g. `read_cache_usage(db)`, `Evictor.cap`) at scrape time."""
+        self.cache.usage = usage
+        self.cache.max_bytes = max_bytes
 
 
 class CacheCollector(Collector):
@@ -106,9 +108,7 @@ class CacheCollector(Collector):
         yield from self._families(None, None)
 
     def collect(self) -> Iterator[Metric]:
-        usage = self.usage() if self.usage else None
-        max_bytes = self.max_bytes() if self.max_bytes else None
-        yield from self._families(usage, max_bytes)
+        yield from self._families(_ask(self.usage), _ask(self.max_bytes))
 
     @staticmethod
     def _families(usage: CacheUsage | None, max_bytes: int | None) -> Iterator[Metric]:
@@ -126,6 +126,20 @@ class CacheCollector(Collector):
         yield cap
 
 
+T = TypeVar("T")
+
+
+def _ask(source: Callable[[], T | None] | None) -> T | None:
+    """A source's answer; a failing source leaves its samples out rather than failing the scrape."""
+    if source is None:
+        return None
+    try:
+        return source()
+    except Exception:
+        log.exception("cannot compute a cache metric")
+        return None
+
+
 def read_cache_usage(db_path: Path) -> CacheUsage | None:
     """Totals from the `content` table (a read-only connection; WAL lets it run beside the writer)."""
     if not db_path.exists():
@@ -141,14 +155,3 @@ def read_cache_usage(db_path: Path) -> CacheUsage | None:
         return None
     return CacheUsage(sum(int(r[2]) for r in rows), {str(r[0]): int(r[1]) for r in rows})
 
-
-def cache_max_bytes(data_dir: Path, max_size: str) -> int | None:
-    """`cache.max_size` in bytes; a percentage is of the data directory's file system."""
-    size, fraction = parse_size(max_size)
-    if size is not None:
-        return size
-    try:
-        total = shutil.disk_usage(data_dir).total
-    except OSError:
-        return None
-    return int(total * (fraction or 0))

@@ -78,7 +78,7 @@ class AccessLogger(AbstractAccessLogger):
             "status": response.status,
             "bytes": response.body_length,
             "duration": round(time, 6),
-            "result": _result(request, response),
+            "result": _result(request, response) if request.path.startswith("/v2") else "-",
         }
         self.logger.info(
             "%s %s %s %d %d %.3fs %s",

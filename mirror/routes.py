@@ -1,6 +1,7 @@
 """Thin handlers: parse and validate, route to an upstream, call a service, shape the response."""
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -185,8 +186,18 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    if not _services(request).ready:
-        return web.Response(status=503, text="not ready\n")
+    """Ready: started and not shutting down, data directory writable, database open."""
+    svc = _services(request)
+    if not svc.ready:
+        return web.Response(status=503, text="not ready: starting or shutting down\n")
+    problems = []
+    store = svc.blobs.store
+    if not await asyncio.to_thread(store.writable):
+        problems.append(f"data directory {store.root} is not writable")
+    if not await svc.manifests.metadata.ping():
+        problems.append("database is not open")
+    if problems:
+        return web.Response(status=503, text="not ready: " + "; ".join(problems) + "\n")
     return web.Response(text="ready\n")
 
 
@@ -197,8 +208,11 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def add_api_version(request: web.Request, response: web.StreamResponse) -> None:
+    """Registry headers, and `X-Mirror-Cache` saying how the answer was got (hit, miss, …)."""
     if request.path.startswith("/v2"):
         response.headers.update(API_VERSION)
+        if RESULT in request:
+            response.headers["X-Mirror-Cache"] = request[RESULT]
 
 
 def setup(app: web.Application) -> None:

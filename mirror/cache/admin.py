@@ -69,6 +69,7 @@ class CacheAdmin:
     clock: Callable[[], float] = time.time
     hits: Counter[tuple[str, str]] = field(default_factory=Counter)  # (upstream, repo) → hits since start
     busy_tmp: Callable[[], set[str]] = set  # temp files of fetches in progress (kept by gc)
+    hit_ratio: Callable[[], float | None] = lambda: None  # of requests since start (a running server)
 
     async def _digest_of(self, image: ImageRef) -> str:
         if image.digest:
@@ -89,6 +90,7 @@ class CacheAdmin:
             "objects": {kind: n for kind, (n, _size) in by_kind.items()},
             "bytes_by_kind": {kind: size for kind, (_n, size) in by_kind.items()},
             "oldest_access": oldest,
+            "hit_ratio": self.hit_ratio(),
             "pins": [f"{u}/{r}" + (f"@{ref}" if ":" in ref else f":{ref}") for u, r, ref in await self.metadata.pins()],
             "top_by_size": [{"repository": f"{u}/{r}", "bytes": b}
                             for u, r, b in await self.metadata.repositories_by_size(top)],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 from mirror.reference import SHA256_RE
@@ -31,6 +32,16 @@ class ContentStore:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         for leftover in self.tmp_dir.iterdir():
             leftover.unlink(missing_ok=True)
+
+    def writable(self) -> bool:
+        """Whether a file can be created where fetches write (for readiness)."""
+        try:
+            fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix=".ready-")
+        except OSError:
+            return False
+        os.close(fd)
+        os.unlink(name)
+        return True
 
     def path(self, digest: str) -> Path:
         if not SHA256_RE.fullmatch(digest):

@@ -6,6 +6,7 @@ database, and access times are batched, so a cache hit never waits on a write.
 from __future__ import annotations
 
 import logging
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -116,6 +117,17 @@ class Metadata:
             )
         await self.db.commit()
         self.size = await self.total_size()
+
+    async def ping(self) -> bool:
+        """Whether the database answers (for readiness)."""
+        if self._db is None:
+            return False
+        try:
+            async with self._db.execute("SELECT 1") as cur:
+                await cur.fetchone()
+        except (sqlite3.Error, ValueError):
+            return False
+        return True
 
     async def close(self) -> None:
         if self._db is not None:

@@ -30,6 +30,8 @@ DEBIAN_PACKAGES = {
     "dockerd": "docker.io",
     "docker": "docker.io",
     "prometheus": "prometheus",
+    "promtool": "prometheus",
+    "systemd-analyze": "systemd",
 }
 
 

@@ -1,0 +1,373 @@
+"""deploy/ and grafana/: every file parses, the pieces agree with each other, and real validators pass.
+
+`promtool` (Debian `prometheus`) and `systemd-analyze` (Debian `systemd`) check what they can;
+without them these checks skip locally and fail under CI=true, like the integration tests.
+"""
+from __future__ import annotations
+
+import asyncio
+import configparser
+import json
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from mirror import clientconfig
+from mirror import config as configuration
+from tests.conftest import Mirror
+from tests.integration.registry import require_binary
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+GRAFANA = ROOT / "grafana"
+CLIENT_URL = "http://mirror.internal:5000"
+CLIENT_REGISTRIES = ["docker.io", "ghcr.io", "quay.io", "registry.k8s.io"]
+
+
+def load_yaml(path: Path) -> object:
+    return yaml.safe_load(path.read_text())
+
+
+def load_mirror_toml(text: str, tmp_path: Path) -> configuration.Config:
+    path = tmp_path / "mirror.toml"
+    path.write_text(text)
+    return configuration.load(str(path), env={})
+
+
+# -- container image ---------------------------------------------------------------
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def final_stage() -> list[tuple[str, str]]:
+    instructions = dockerfile_instructions()
+    last_from = max(i for i, (word, _) in enumerate(instructions) if word == "FROM")
+    return instructions[last_from:]
+
+
+def healthcheck_command() -> list[str]:
+    (rest,) = [rest for word, rest in final_stage() if word == "HEALTHCHECK"]
+    return json.loads(rest[rest.index("CMD") + 3:].strip())
+
+
+def test_dockerfile_slim_non_root_volume_port_healthcheck() -> None:
+    stage = final_stage()
+    assert stage[0] == ("FROM", "python:3.11-slim")
+    (user,) = [rest for word, rest in stage if word == "USER"]
+    assert user.split(":")[0] not in ("root", "0")
+    assert ("VOLUME", "/var/lib/mirror") in stage
+    assert ("EXPOSE", "5000") in stage
+    command = healthcheck_command()
+    assert command[:2] == ["python", "-c"] and "/healthz" in command[2]
+    compile(command[2], "HEALTHCHECK", "exec")
+    entrypoint = [json.loads(rest) for word, rest in stage if word == "ENTRYPOINT"]
+    cmd = [json.loads(rest) for word, rest in stage if word == "CMD"]
+    assert entrypoint == [["mirror"]] and cmd == [["serve", "--config", "/etc/mirror/mirror.toml"]]
+
+
+def test_dockerfile_copies_only_what_exists_and_is_not_ignored() -> None:
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    allowed = {line[1:].removesuffix("/**") for line in ignore if line.startswith("!")}
+    for word, rest in dockerfile_instructions():
+        if word != "COPY" or rest.startswith("--from"):
+            continue
+        *sources, _dest = rest.split()
+        for source in sources:
+            assert (ROOT / source).exists(), source
+            assert source in allowed, f"{source} is excluded by Dockerfile.dockerignore"
+
+
+def test_deploy_mirror_toml_is_a_valid_config_matching_the_image(tmp_path: Path) -> None:
+    cfg = load_mirror_toml((DEPLOY / "mirror.toml").read_text(), tmp_path)
+    assert cfg.server.data_dir == "/var/lib/mirror"
+    assert cfg.host_port == ("0.0.0.0", 5000)
+    assert cfg.server.log_format == "json"
+
+
+async def test_the_healthcheck_command_passes_against_a_running_mirror(mirror: Mirror) -> None:
+    command = healthcheck_command()
+    script = command[2].replace("127.0.0.1:5000", f"127.0.0.1:{mirror.client.port}")
+    assert script != command[2]
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", script, stderr=subprocess.PIPE)
+    _, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    await mirror.client.close()  # nothing listening: unhealthy
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", script, stderr=subprocess.DEVNULL)
+    assert await proc.wait() != 0
+
+
+# -- compose + Prometheus + Grafana ---------------------------------------------------
+
+
+def compose() -> dict:
+    doc = load_yaml(DEPLOY / "compose.yaml")
+    assert isinstance(doc, dict)
+    return doc
+
+
+def bind_mounts(service: dict) -> dict[str, Path]:
+    """container path → host path (relative to deploy/) of a service's bind mounts."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        source, target, *_ = volume.split(":")
+        if source.startswith("."):
+            mounts[target] = (DEPLOY / source).resolve()
+    return mounts
+
+
+def test_compose_runs_mirror_prometheus_grafana_from_files_that_exist() -> None:
+    services = compose()["services"]
+    assert set(services) == {"mirror", "prometheus", "grafana"}
+    build = services["mirror"]["build"]
+    assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
+    for name, service in services.items():
+        for target, source in bind_mounts(service).items():
+            assert source.exists(), f"{name}: {source} (mounted at {target}) does not exist"
+        for volume in service.get("volumes", []):
+            if not volume.startswith("."):
+                assert volume.split(":")[0] in compose()["volumes"]
+    mirror_mounts = bind_mounts(services["mirror"])
+    assert mirror_mounts["/etc/mirror/mirror.toml"] == DEPLOY / "mirror.toml"
+    assert any(v.endswith(":/var/lib/mirror") for v in services["mirror"]["volumes"])
+    assert "5000:5000" in services["mirror"]["ports"]
+
+
+def test_compose_prometheus_scrapes_the_mirror_service() -> None:
+    services = compose()["services"]
+    mounts = bind_mounts(services["prometheus"])
+    config_path = next(a.split("=", 1)[1] for a in services["prometheus"]["command"] if a.startswith("--config.file="))
+    assert mounts[config_path] == DEPLOY / "prometheus.yml"
+    prom = load_yaml(DEPLOY / "prometheus.yml")
+    assert isinstance(prom, dict)
+    (job,) = [j for j in prom["scrape_configs"] if j["job_name"] == "mirror"]
+    assert job["static_configs"][0]["targets"] == ["mirror:5000"]
+    for rules in prom["rule_files"]:
+        assert mounts[str(Path(config_path).parent / rules)] == DEPLOY / rules
+
+
+def test_compose_grafana_gets_the_provisioning_and_dashboards() -> None:
+    grafana = compose()["services"]["grafana"]
+    mounts = bind_mounts(grafana)
+    assert mounts["/etc/grafana/provisioning"] == GRAFANA / "provisioning"
+    provider = load_yaml(GRAFANA / "provisioning" / "dashboards" / "mirror.yaml")
+    assert isinstance(provider, dict)
+    (entry,) = provider["providers"]
+    assert entry["type"] == "file"
+    assert mounts[entry["options"]["path"]] == GRAFANA / "dashboards"
+    datasources = load_yaml(GRAFANA / "provisioning" / "datasources" / "prometheus.yaml")
+    assert isinstance(datasources, dict)
+    (ds,) = datasources["datasources"]
+    assert ds["type"] == "prometheus" and ds["uid"] == "prometheus" and ds["isDefault"] is True
+    host = urlsplit(ds["url"])
+    assert host.hostname in compose()["services"] and host.port == 9090
+
+
+def test_promtool_checks_prometheus_config_and_alert_rules() -> None:
+    promtool = require_binary("promtool")
+    done = subprocess.run([promtool, "check", "config", str(DEPLOY / "prometheus.yml")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS" in done.stdout + done.stderr
+    done = subprocess.run([promtool, "check", "rules", str(DEPLOY / "alerts.yml")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+# -- Grafana dashboard --------------------------------------------------------------
+
+
+def dashboard() -> dict:
+    return json.loads((GRAFANA / "dashboards" / "mirror.json").read_text())
+
+
+def all_panels(panels: list[dict]) -> list[dict]:
+    out = []
+    for panel in panels:
+        out.append(panel)
+        out.extend(all_panels(panel.get("panels", [])))
+    return out
+
+
+def test_dashboard_is_well_formed() -> None:
+    board = dashboard()
+    assert board["uid"] and board["title"] and board["schemaVersion"] >= 36
+    panels = all_panels(board["panels"])
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids))
+    cells: set[tuple[int, int]] = set()
+    for panel in panels:
+        pos = panel["gridPos"]
+        assert 0 <= pos["x"] and pos["x"] + pos["w"] <= 24 and pos["h"] > 0, panel["title"]
+        area = {(x, y) for x in range(pos["x"], pos["x"] + pos["w"]) for y in range(pos["y"], pos["y"] + pos["h"])}
+        assert not area & cells, f"{panel['title']} overlaps another panel"
+        cells |= area
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        assert panel["targets"], panel["title"]
+        refs = [t["refId"] for t in panel["targets"]]
+        assert len(refs) == len(set(refs))
+        assert all(t["expr"].strip() for t in panel["targets"])
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+
+
+def test_dashboard_has_the_panels_operators_decide_with() -> None:
+    titles = " | ".join(p["title"].lower() for p in all_panels(dashboard()["panels"]))
+    for wanted in ("hit ratio (requests)", "hit ratio (bytes)", "bytes served: cache vs upstream", "bytes saved",
+                   "pulls saved", "upstream requests by status", "rate limit remaining", "stale",
+                   "in-flight and coalesced", "cache size against its cap", "evictions", "latency p50 / p99",
+                   "digest mismatches"):
+        assert wanted in titles, wanted
+
+
+# -- Kubernetes -----------------------------------------------------------------------
+
+
+def k8s_objects() -> dict[str, dict]:
+    objects = {}
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert doc["apiVersion"] and doc["metadata"]["name"], path
+            objects[f"{doc['kind']}/{doc['metadata']['name']}"] = doc
+    return objects
+
+
+def test_k8s_kustomization_lists_every_manifest() -> None:
+    kustomization = load_yaml(DEPLOY / "k8s" / "kustomization.yaml")
+    assert isinstance(kustomization, dict)
+    files = {p.name for p in (DEPLOY / "k8s").glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == files
+
+
+def test_k8s_statefulset_probes_storage_scraping_resources(tmp_path: Path) -> None:
+    objects = k8s_objects()
+    sts = objects["StatefulSet/mirror"]
+    pod = sts["spec"]["template"]
+    assert sts["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert objects[f"Service/{sts['spec']['serviceName']}"]["spec"]["clusterIP"] == "None"
+    annotations = pod["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/path"] == "/metrics"
+    (container,) = pod["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert annotations["prometheus.io/port"] == str(ports["http"]) == "5000"
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert container["resources"]["requests"]["cpu"] and container["resources"]["requests"]["memory"]
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["resources"]["requests"]["storage"]
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    config_map = objects[f"ConfigMap/{volumes['config']['configMap']['name']}"]
+    config_path = container["args"][container["args"].index("--config") + 1]
+    assert Path(config_path).parent == Path(mounts["config"])
+    cfg = load_mirror_toml(config_map["data"][Path(config_path).name], tmp_path)
+    assert cfg.server.data_dir == mounts[claim["metadata"]["name"]]
+    assert cfg.host_port[1] == ports["http"]
+    assert sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > cfg.server.shutdown_timeout
+
+
+def test_k8s_service_reaches_the_pods() -> None:
+    objects = k8s_objects()
+    pod_labels = objects["StatefulSet/mirror"]["spec"]["template"]["metadata"]["labels"]
+    for name in ("Service/mirror", "Service/mirror-headless"):
+        service = objects[name]["spec"]
+        assert service["selector"].items() <= pod_labels.items()
+        assert [p["targetPort"] for p in service["ports"]] == ["http"]
+
+
+# -- systemd ---------------------------------------------------------------------------
+
+
+def unit() -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string((DEPLOY / "systemd" / "mirror.service").read_text())
+    return parser
+
+
+def test_systemd_unit_is_hardened() -> None:
+    service = unit()["Service"]
+    assert service["DynamicUser"] == "yes"
+    assert service["StateDirectory"] == "mirror"
+    assert service["ProtectSystem"] == "strict"
+    assert service["NoNewPrivileges"] == "yes"
+    assert service["CapabilityBoundingSet"] == ""
+    args = shlex.split(service["ExecStart"])
+    assert args[1] == "serve" and args[args.index("--data-dir") + 1] == "/var/lib/mirror"
+    assert args[args.index("--config") + 1] == "/etc/mirror/mirror.toml"
+    assert unit()["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_systemd_analyze_verify(tmp_path: Path) -> None:
+    analyze = require_binary("systemd-analyze")
+    text = (DEPLOY / "systemd" / "mirror.service").read_text()
+    binary = shlex.split(unit()["Service"]["ExecStart"])[0]
+    installed = Path(sys.executable).parent / "mirror"  # this venv's entry point stands in for /opt/mirror's
+    assert installed.exists()
+    copy = tmp_path / "mirror.service"
+    copy.write_text(text.replace(binary, str(installed)))
+    done = subprocess.run([analyze, "verify", "--man=no", str(copy)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    # warnings (unknown keys, bad values) do not change the exit status: there must be none
+    problems = [line for line in done.stderr.splitlines() if "mirror.service" in line]
+    assert problems == []
+
+
+# -- clients ----------------------------------------------------------------------------
+
+
+def test_client_files_are_what_mirror_config_generates() -> None:
+    clients = DEPLOY / "clients"
+    for name, text in clientconfig.containerd(CLIENT_URL, CLIENT_REGISTRIES).items():
+        assert (clients / "containerd" / "certs.d" / name).read_text() == text
+    assert sorted(p.name for p in (clients / "containerd" / "certs.d").iterdir()) == sorted(CLIENT_REGISTRIES)
+    for name, text in clientconfig.podman(CLIENT_URL, CLIENT_REGISTRIES).items():
+        assert (clients / "podman" / name).read_text() == text
+    files, _ = clientconfig.docker(CLIENT_URL)
+    assert (clients / "docker" / "daemon.json").read_text() == files["daemon.json"]
+
+
+def test_client_files_parse() -> None:
+    clients = DEPLOY / "clients"
+    daemon = json.loads((clients / "docker" / "daemon.json").read_text())
+    assert daemon["registry-mirrors"] == [CLIENT_URL]
+    for registry in CLIENT_REGISTRIES:
+        hosts = tomllib.loads((clients / "containerd" / "certs.d" / registry / "hosts.toml").read_text())
+        assert CLIENT_URL in hosts["host"]
+    containerd = tomllib.loads((clients / "containerd" / "config.toml").read_text())
+    assert containerd["plugins"]["io.containerd.grpc.v1.cri"]["registry"]["config_path"] == "/etc/containerd/certs.d"
+    podman = tomllib.loads((clients / "podman" / "registries.conf").read_text())
+    assert [r["prefix"] for r in podman["registry"]] == CLIENT_REGISTRIES
+
+
+def test_gitlab_runner_example_uses_the_mirror() -> None:
+    runner = tomllib.loads((DEPLOY / "clients" / "gitlab-runner" / "config.toml").read_text())
+    (entry,) = runner["runners"]
+    assert entry["executor"] == "docker" and "image" in entry["docker"]
+    pipeline = load_yaml(DEPLOY / "clients" / "gitlab-runner" / ".gitlab-ci.yml")
+    assert isinstance(pipeline, dict)
+    dind = pipeline["build"]["services"][0]
+    assert f"--registry-mirror={CLIENT_URL}" in dind["command"]
+    host = urlsplit(CLIENT_URL).netloc
+    assert pipeline["tool-from-ghcr"]["image"].startswith(f"{host}/ghcr.io/")
+    assert re.fullmatch(r"[\w./-]+:[\w.-]+", pipeline["test"]["image"])

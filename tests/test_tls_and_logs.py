@@ -1,0 +1,223 @@
+"""HTTPS with server.tls_cert/tls_key, JSON logs with server.log_format, and their validation at load."""
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import logging
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from mirror import config as configuration
+from mirror.observe import JsonFormatter
+from tests.integration.registry import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 30.0  # bounds on polling a subprocess, never waited out when things work
+
+
+def self_signed(directory: Path, name: str = "mirror") -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and localhost that is its own CA, and its key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+class Served:
+    """`python -m mirror serve` with a config file; stderr captured to a file."""
+
+    def __init__(self, tmp_path: Path, server_settings: str) -> None:
+        self.port = free_port()
+        self.config = tmp_path / "mirror.toml"
+        self.config.write_text(
+            f'[server]\nlisten = "127.0.0.1:{self.port}"\ndata_dir = "{tmp_path / "data"}"\n'
+            f'shutdown_timeout = "2s"\n{server_settings}'
+            '[upstreams."docker.io"]\nurl = "http://127.0.0.1:9"\nconnect_timeout = "1s"\n'
+        )
+        self.log = tmp_path / "stderr.log"
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mirror", "serve", "--config", str(self.config)],
+                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+            )
+
+    def wait_ready(self, url: str, context: ssl.SSLContext | None = None) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()
+            try:
+                with urllib.request.urlopen(f"{url}/readyz", timeout=2, context=context) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"not ready after {START_TIMEOUT}s:\n{self.log.read_text()}")
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.log.read_text()
+
+
+def get(url: str, context: ssl.SSLContext | None = None) -> tuple[int, dict[str, str]]:
+    try:
+        with urllib.request.urlopen(url, timeout=5, context=context) as resp:
+            return resp.status, dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return exc.code, dict(exc.headers)
+
+
+def test_serves_https_with_the_configured_certificate(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    served = Served(tmp_path, f'tls_cert = "{cert}"\ntls_key = "{key}"\n')
+    try:
+        trusted = ssl.create_default_context(cafile=str(cert))
+        url = f"https://127.0.0.1:{served.port}"
+        served.wait_ready(url, trusted)
+        status, headers = get(f"{url}/v2/", trusted)
+        assert status in (200, 401)  # 401: the mirror's own auth challenge
+        assert headers["Docker-Distribution-API-Version"] == "registry/2.0"
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+            urllib.request.urlopen(f"{url}/healthz", timeout=5, context=ssl.create_default_context())
+        with pytest.raises((urllib.error.URLError, ConnectionError)):  # plain HTTP is not spoken there
+            urllib.request.urlopen(f"http://127.0.0.1:{served.port}/healthz", timeout=5)
+    finally:
+        log = served.stop()
+    assert f"listening on https://127.0.0.1:{served.port}" in log
+
+
+def test_json_logs_one_object_per_line_access_log_included(tmp_path: Path) -> None:
+    served = Served(tmp_path, 'log_format = "json"\n')
+    url = f"http://127.0.0.1:{served.port}"
+    try:
+        served.wait_ready(url)
+        get(f"{url}/v2/")
+        get(f"{url}/v2/library/app/manifests/v1")  # upstream unreachable: 503
+    finally:
+        log = served.stop()
+    lines = [line for line in log.splitlines() if line.strip()]
+    assert lines
+    entries = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert all({"time", "level", "logger", "message"} <= e.keys() for e in entries)
+    assert any(e["message"] == f"listening on http://127.0.0.1:{served.port}" for e in entries)
+    access = [e for e in entries if e["logger"] == "mirror.access"]
+    by_path = {e["path"]: e for e in access}
+    assert by_path["/v2/"]["method"] == "GET" and by_path["/v2/"]["status"] in (200, 401)
+    failed = by_path["/v2/library/app/manifests/v1"]
+    assert failed["status"] == 503 and failed["result"] == "error"
+    assert failed["remote"] == "127.0.0.1" and isinstance(failed["bytes"], int) and failed["duration"] >= 0
+    assert "/v2/library/app/manifests/v1 503" in failed["message"]
+    assert by_path["/readyz"]["result"] == "-"  # cache results are for /v2/ requests only
+
+
+def test_plain_logs_are_not_json(tmp_path: Path) -> None:
+    served = Served(tmp_path, "")
+    url = f"http://127.0.0.1:{served.port}"
+    try:
+        served.wait_ready(url)
+        get(f"{url}/v2/")
+    finally:
+        log = served.stop()
+    access = [line for line in log.splitlines() if "mirror.access" in line and " GET /v2/ " in line]
+    assert access
+    assert not access[0].lstrip().startswith("{")
+
+
+def test_json_formatter_keeps_exceptions() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord("mirror", logging.ERROR, __file__, 1, "failed %s", ("x",), sys.exc_info())
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["message"] == "failed x" and entry["level"] == "error"
+    assert "ValueError: boom" in entry["exception"]
+
+
+# -- validation at load ---------------------------------------------------------
+
+
+def load_server(tmp_path: Path, body: str, env: dict[str, str] | None = None) -> configuration.ServerConfig:
+    path = tmp_path / "m.toml"
+    path.write_text(f"[server]\n{body}")
+    return configuration.load(str(path), env=env or {}).server
+
+
+def test_tls_settings_load(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    server = load_server(tmp_path, f'tls_cert = "{cert}"\ntls_key = "{key}"\n')
+    assert (server.tls_cert, server.tls_key) == (str(cert), str(key))
+    assert configuration.ssl_context(server) is not None
+    assert configuration.ssl_context(load_server(tmp_path, "")) is None
+
+
+def test_tls_from_the_environment(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    server = load_server(tmp_path, "", {"MIRROR_SERVER_TLS_CERT": str(cert), "MIRROR_SERVER_TLS_KEY": str(key)})
+    assert server.tls_cert == str(cert)
+
+
+@pytest.mark.parametrize("case", ["missing cert", "cert without key", "key without cert", "mismatched pair", "not a cert"])
+def test_bad_tls_settings_are_refused_at_load(tmp_path: Path, case: str) -> None:
+    cert, key = self_signed(tmp_path)
+    other_cert, other_key = self_signed(tmp_path, "other")
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    body, key_name, reason = {
+        "missing cert": (f'tls_cert = "{tmp_path}/absent.crt"\ntls_key = "{key}"\n', "server.tls_cert", "no such file"),
+        "cert without key": (f'tls_cert = "{cert}"\n', "server.tls_key", "set together"),
+        "key without cert": (f'tls_key = "{key}"\n', "server.tls_cert", "set together"),
+        "mismatched pair": (f'tls_cert = "{cert}"\ntls_key = "{other_key}"\n', "server.tls_cert", "cannot load"),
+        "not a cert": (f'tls_cert = "{junk}"\ntls_key = "{key}"\n', "server.tls_cert", "cannot load"),
+    }[case]
+    with pytest.raises(configuration.ConfigError) as err:
+        load_server(tmp_path, body)
+    assert err.value.key == key_name and reason in err.value.reason
+    assert str(tmp_path / "m.toml") in str(err.value)
+
+
+def test_log_format_and_public_url_are_validated(tmp_path: Path) -> None:
+    assert load_server(tmp_path, 'log_format = "json"\n').log_format == "json"
+    assert load_server(tmp_path, "").log_format == "plain"
+    with pytest.raises(configuration.ConfigError, match="server.log_format: expected one of plain, json"):
+        load_server(tmp_path, 'log_format = "xml"\n')
+    assert load_server(tmp_path, "", {"MIRROR_SERVER_LOG_FORMAT": "json"}).log_format == "json"
+    assert load_server(tmp_path, 'public_url = "https://mirror.example:5000/"\n').public_url == "https://mirror.example:5000"
+    with pytest.raises(configuration.ConfigError, match="server.public_url"):
+        load_server(tmp_path, 'public_url = "mirror.example:5000"\n')
