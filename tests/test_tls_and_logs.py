@@ -1,8 +1,6 @@
 """HTTPS with server.tls_cert/tls_key, JSON logs with server.log_format, and their validation at load."""
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import logging
 import signal
@@ -15,42 +13,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from mirror import config as configuration
 from mirror.observe import JsonFormatter
+from tests.fakes.certs import self_signed
 from tests.integration.registry import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 30.0  # bounds on polling a subprocess, never waited out when things work
-
-
-def self_signed(directory: Path, name: str = "mirror") -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 and localhost that is its own CA, and its key."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return cert_path, key_path
 
 
 class Served:

@@ -10,7 +10,7 @@ from mirror.app import make_app
 from tests.conftest import FakeClock, Mirror, mirror_config
 from tests.fakes.registry import FakeRegistry
 from tests.proxy.test_manifests import ACCEPT
-from tests.test_tls_and_logs import self_signed
+from tests.fakes.certs import self_signed
 
 
 @pytest.fixture
