@@ -7,6 +7,8 @@ Every driver has the same shape (`Client`): `pull(mirror_host, repo, ref, creds)
 digest of the manifest the reference resolved to (for a multi-platform image, the index's own
 digest), `remove_all()` wipes what was pulled so the next pull really fetches, and failures raise
 `PullError` carrying the client's stderr (and, for dockerd, the daemon's log lines of that pull).
+The podman, containerd and dockerd drivers write their own config for the mirror; given a
+keyword (`registries_conf=`, `hosts_dir=`, `daemon_json=`) they pull with that config instead.
 
     client      how it reaches the mirror                                    pull, tiny image
     skopeo      `skopeo copy docker://HOST/REPO:REF dir:…`: the mirror by name        ~0.03 s
@@ -414,9 +416,12 @@ class Podman(Client):
         # The host's policy.json could demand signatures; this one is what Debian ships.
         self._policy.write_text('{"default": [{"type": "insecureAcceptAnything"}]}\n')
 
-    def pull(self, mirror_host: str, repo: str, ref: str, creds: Creds | None = None) -> str:
+    def pull(
+        self, mirror_host: str, repo: str, ref: str, creds: Creds | None = None, *, registries_conf: Path | None = None
+    ) -> str:
         """`creds` go to the auth file under the mirror's host, as `podman login MIRROR` stores them:
-        c/image never sends `--creds` (meant for docker.io) to a mirror."""
+        c/image never sends `--creds` (meant for docker.io) to a mirror. `registries_conf`: pull with
+        that file (e.g. one `mirror config podman` wrote) instead of the driver's own."""
         self._registries_conf.write_text(
             '[[registry]]\nprefix = "docker.io"\nlocation = "docker.io"\n\n'
             f'[[registry.mirror]]\nlocation = "{mirror_host}"\ninsecure = true\n'
@@ -425,7 +430,10 @@ class Podman(Client):
         self._auth_file.write_text(json.dumps({"auths": auths}) + "\n")
         name = f"docker.io/{reference(repo, ref)}"
         argv = [self.binary, "pull", "--quiet", "--signature-policy", str(self._policy), name]
-        self._run(argv, self._env, error=PullError)
+        env = self._env
+        if registries_conf is not None:
+            env = {**env, "CONTAINERS_REGISTRIES_CONF": str(registries_conf)}
+        self._run(argv, env, error=PullError)
         return self._run([self.binary, "image", "inspect", "--format", "{{.Digest}}", name], self._env).strip()
 
     def remove_all(self) -> None:
@@ -491,15 +499,21 @@ class Containerd(Client):
         argv = [self.ctr_binary, "--address", str(self.address), *args]
         return self._run(argv, self._env, error=error)
 
-    def pull(self, mirror_host: str, repo: str, ref: str, creds: Creds | None = None) -> str:
-        hosts = self._hosts_dir / "docker.io" / "hosts.toml"
-        hosts.parent.mkdir(parents=True, exist_ok=True)
-        hosts.write_text(
-            'server = "https://registry-1.docker.io"\n\n'
-            f'[host."http://{mirror_host}"]\ncapabilities = ["pull", "resolve"]\n'
-        )
+    def pull(
+        self, mirror_host: str, repo: str, ref: str, creds: Creds | None = None, *, hosts_dir: Path | None = None
+    ) -> str:
+        """`hosts_dir`: pull with that certs.d-style directory (e.g. one `mirror config containerd`
+        wrote) as `--hosts-dir` instead of the driver's own."""
+        if hosts_dir is None:
+            hosts_dir = self._hosts_dir
+            hosts = hosts_dir / "docker.io" / "hosts.toml"
+            hosts.parent.mkdir(parents=True, exist_ok=True)
+            hosts.write_text(
+                'server = "https://registry-1.docker.io"\n\n'
+                f'[host."http://{mirror_host}"]\ncapabilities = ["pull", "resolve"]\n'
+            )
         name = f"docker.io/{reference(repo, ref)}"
-        options = ["--hosts-dir", str(self._hosts_dir), "--snapshotter", self.snapshotter]
+        options = ["--hosts-dir", str(hosts_dir), "--snapshotter", self.snapshotter]
         if creds:
             options += ["--user", f"{creds[0]}:{creds[1]}"]
         self.ctr("images", "pull", *options, name, error=PullError)
@@ -527,6 +541,7 @@ class Dockerd(Client):
         self.max_download_attempts = max_download_attempts
         self.socket = workdir / "docker.sock"
         self.mirror_host: str | None = None
+        self.extra_config: dict[str, object] = {}  # merged into daemon.json, see `use_daemon_json`
         self._config_file = workdir / "daemon.json"
         self._docker_config = workdir / "docker-config"
         self._docker_config.mkdir(parents=True, exist_ok=True)
@@ -581,17 +596,29 @@ class Dockerd(Client):
         config: dict[str, object] = {"max-download-attempts": self.max_download_attempts}
         if self.mirror_host:
             config["registry-mirrors"] = [f"http://{self.mirror_host}"]
+        config.update(self.extra_config)
         self._config_file.write_text(json.dumps(config, indent=2) + "\n")
 
     def use_mirror(self, mirror_host: str, timeout: float = 10.0) -> None:
         """Point `registry-mirrors` at `mirror_host`: rewrite daemon.json, SIGHUP, wait for the reload."""
-        if mirror_host == self.mirror_host:
+        if mirror_host == self.mirror_host and not self.extra_config:
             return
-        self.mirror_host = mirror_host
+        self.mirror_host, self.extra_config = mirror_host, {}
+        self._reload([f"http://{mirror_host}"], timeout)
+
+    def use_daemon_json(self, config: dict[str, object], timeout: float = 10.0) -> None:
+        """Merge `config` (reloadable keys, e.g. a daemon.json `mirror config docker` wrote) into the
+        driver's daemon.json in place of its own `registry-mirrors`, SIGHUP, wait for the reload."""
+        if config == self.extra_config and self.mirror_host is None:
+            return
+        self.mirror_host, self.extra_config = None, dict(config)
+        self._reload(cast(list[str], config.get("registry-mirrors", [])), timeout)
+
+    def _reload(self, mirrors: list[str], timeout: float) -> None:
         self._write_daemon_json()
         assert self._daemon.process is not None, "dockerd is not running"
         self._daemon.process.send_signal(signal.SIGHUP)
-        wanted = json.dumps([f"http://{mirror_host}/"])
+        wanted = json.dumps([m.rstrip("/") + "/" for m in mirrors])
         deadline = time.monotonic() + timeout
         while self.docker("info", "--format", "{{json .RegistryConfig.Mirrors}}").strip() != wanted:
             if time.monotonic() > deadline:
@@ -607,8 +634,16 @@ class Dockerd(Client):
         auths = {"https://index.docker.io/v1/": {"auth": _basic(creds)}} if creds else {}
         (self._docker_config / "config.json").write_text(json.dumps({"auths": auths}, indent=2) + "\n")
 
-    def pull(self, mirror_host: str, repo: str, ref: str, creds: Creds | None = None) -> str:
-        self.use_mirror(mirror_host)
+    def pull(
+        self, mirror_host: str, repo: str, ref: str, creds: Creds | None = None,
+        *, daemon_json: dict[str, object] | None = None,
+    ) -> str:
+        """`daemon_json`: pull with those keys merged into daemon.json (`use_daemon_json`) instead
+        of the driver's own `registry-mirrors` of `mirror_host`."""
+        if daemon_json is None:
+            self.use_mirror(mirror_host)
+        else:
+            self.use_daemon_json(daemon_json)
         self.login(creds)
         output = self.docker("pull", reference(repo, ref), error=PullError, log_offset=self._daemon.log_size())
         for line in output.splitlines():
