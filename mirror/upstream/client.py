@@ -89,6 +89,19 @@ class Manifest:
     digest: str | None
 
 
+def _describe(exc: BaseException, url: str) -> str:
+    """Why a request could not be made, in words an operator can act on."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return f"timed out talking to {urlsplit(url).netloc}"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return f"TLS certificate of {exc.host} not trusted: {exc.certificate_error}"
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return f"cannot resolve {exc.host}"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect to {exc.host}:{exc.port}: {exc.strerror or exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _origin(url: str) -> tuple[str, str | None, int | None]:
     parts = urlsplit(url)
     return parts.scheme, parts.hostname, parts.port
@@ -136,21 +149,9 @@ class Upstream:
     async def _send(self, method: str, url: str, kind: str, headers: Mapping[str, str]) -> aiohttp.ClientResponse:
         try:
             resp = await self.session.request(method, url, headers=headers, allow_redirects=False)
-        except asyncio.TimeoutError:
-            self._count(method, kind, "timeout")
-            raise UpstreamError(self.name, None, f"timed out talking to {urlsplit(url).netloc}") from None
-        except aiohttp.ClientConnectorCertificateError as exc:
-            self._count(method, kind, "error")
-            raise UpstreamError(self.name, None, f"TLS certificate of {exc.host} not trusted: {exc.certificate_error}") from None
-        except aiohttp.ClientConnectorDNSError as exc:
-            self._count(method, kind, "error")
-            raise UpstreamError(self.name, None, f"cannot resolve {exc.host}") from None
-        except aiohttp.ClientConnectorError as exc:
-            self._count(method, kind, "error")
-            raise UpstreamError(self.name, None, f"cannot connect to {exc.host}:{exc.port}: {exc.strerror or exc}") from None
-        except aiohttp.ClientError as exc:
-            self._count(method, kind, "error")
-            raise UpstreamError(self.name, None, f"{type(exc).__name__}: {exc}") from None
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            self._count(method, kind, "timeout" if isinstance(exc, asyncio.TimeoutError) else "error")
+            raise UpstreamError(self.name, None, _describe(exc, url)) from None
         self._count(method, kind, str(resp.status))
         self._limits.observe(self.name, resp.headers)
         return resp
