@@ -255,6 +255,20 @@ class Upstream:
             resp.release()
         raise UpstreamError(self.name, resp.status, message, resp.headers.get("Retry-After"))
 
+    async def _read_small(self, resp: aiohttp.ClientResponse, what: str) -> bytes:
+        """A whole JSON body (manifest, tag list), refusing one larger than any sane manifest."""
+        if (resp.content_length or 0) > MANIFEST_MAX_BYTES:
+            raise UpstreamError(self.name, 502, f"{what} is larger than {MANIFEST_MAX_BYTES} bytes")
+        body = bytearray()
+        try:
+            async for chunk in resp.content.iter_any():
+                body += chunk
+                if len(body) > MANIFEST_MAX_BYTES:
+                    raise UpstreamError(self.name, 502, f"{what} is larger than {MANIFEST_MAX_BYTES} bytes")
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise UpstreamError(self.name, None, f"reading {what}: {exc or 'timed out'}") from None
+        return bytes(body)
+
     # -- registry operations ---------------------------------------------------
     async def head_manifest(self, repo: str, ref: str, accept: str, creds: Credentials | None) -> ManifestHead:
         resp = await self.request("HEAD", repo, f"manifests/{ref}", "manifest", creds, {"Accept": accept})
@@ -270,14 +284,7 @@ class Upstream:
         resp = await self.request("GET", repo, f"manifests/{ref}", "manifest", creds, {"Accept": accept})
         await self._raise_for(resp, f"manifest {repo}:{ref}")
         async with resp:
-            if (resp.content_length or 0) > MANIFEST_MAX_BYTES:
-                raise UpstreamError(self.name, 502, f"manifest {repo}:{ref} is larger than {MANIFEST_MAX_BYTES} bytes")
-            try:
-                body = await resp.content.read(MANIFEST_MAX_BYTES + 1)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                raise UpstreamError(self.name, None, f"reading manifest {repo}:{ref}: {exc or 'timed out'}") from None
-        if len(body) > MANIFEST_MAX_BYTES:
-            raise UpstreamError(self.name, 502, f"manifest {repo}:{ref} is larger than {MANIFEST_MAX_BYTES} bytes")
+            body = await self._read_small(resp, f"manifest {repo}:{ref}")
         self._metrics.upstream_bytes.labels(self.name).inc(len(body))
         media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
         return Manifest(body, media_type, resp.headers.get("Docker-Content-Digest"))
@@ -303,7 +310,7 @@ class Upstream:
         resp = await self.request("GET", repo, path, "tags", creds)
         await self._raise_for(resp, f"tags of {repo}")
         async with resp:
-            body = await resp.content.read(MANIFEST_MAX_BYTES)
+            body = await self._read_small(resp, f"tags of {repo}")
         return body, resp.headers.get("Link")
 
     async def login(self, creds: Credentials, repos: list[str]) -> None:

@@ -226,3 +226,11 @@ async def test_concurrent_stale_requests_share_one_revalidation(mirror: Mirror, 
     )
     assert all(r.status == 200 for r in results)
     assert fake_registry.count(kind="manifest") == 1
+
+
+async def test_large_manifest_is_read_whole(mirror: Mirror, fake_registry: FakeRegistry) -> None:
+    image = fake_registry.add_image("library/many", "1", [bytes([n % 256, n // 256]) for n in range(2000)])
+    assert len(image.body) > 256_000  # many TCP segments: a single read would return only part of it
+    resp = await mirror.client.get("/v2/library/many/manifests/1", headers=ACCEPT)
+    assert resp.status == 200
+    assert await resp.read() == image.body
