@@ -13,7 +13,7 @@ import asyncio
 import errno
 import logging
 import os
-from typing import Any, AsyncIterator, Awaitable, Callable, Hashable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, BinaryIO, Callable, Hashable, NamedTuple, TypeVar
 
 import aiohttp
 
@@ -24,9 +24,17 @@ from mirror.upstream.client import Upstream, UpstreamError
 
 log = logging.getLogger("mirror.inflight")
 
-READ_CHUNK = 1 << 20
+WRITE_BATCH = 4 << 20
 RELAY_LIMIT = 16 << 20  # memory a pass-through fetch may hold for its slowest reader
 T = TypeVar("T")
+
+
+class Span(NamedTuple):
+    """`count` bytes at `offset`: in the temp file (`data` None), or held in memory."""
+
+    offset: int
+    count: int
+    data: bytes | None
 
 
 class FetchFailed(Exception):
@@ -95,10 +103,12 @@ class Fetch:
         if not self._began and self.error is not None:
             raise self.error
 
-    async def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
-        """Yield bytes [start, end) as they are written; raises FetchFailed if the fetch fails.
+    async def spans(self, start: int = 0, end: int | None = None) -> AsyncIterator[Span]:
+        """Yield [start, end) as spans of the temp file (or of memory, past a full disk) as the
+        bytes arrive; raises FetchFailed if the fetch fails.
 
-        Call only between `join` and `leave`, after `wait_started`.
+        Call only between `join` and `leave`, after `wait_started`. A span is consumed when the
+        next one is asked for.
         """
         pos = start
         me = object()
@@ -109,12 +119,11 @@ class Fetch:
                     raise FetchFailed(str(self.error))
                 available = self.written if self.done else self._unverified_limit()
                 if pos < available:
-                    limit = available if end is None else min(available, end)
-                    data = self._read_at(pos, limit)
-                    pos += len(data)
+                    span = self._span_at(pos, available if end is None else min(available, end))
+                    yield span
+                    pos += span.count
                     self._positions[me] = pos
                     self._consumed.set()
-                    yield data
                 elif self.done:
                     break
                 else:
@@ -123,15 +132,24 @@ class Fetch:
             del self._positions[me]
             self._consumed.set()
 
-    def _read_at(self, pos: int, limit: int) -> bytes:
-        """Bytes from `pos` (up to `limit`): from the temp file, or from memory past a full disk."""
+    def _span_at(self, pos: int, limit: int) -> Span:
+        """What lies at `pos` (up to `limit`): a stretch of the temp file, or bytes past a full disk."""
         if self._on_disk is None or pos < self._on_disk:
             stop = limit if self._on_disk is None else min(limit, self._on_disk)
-            return os.pread(self._fd, min(stop - pos, READ_CHUNK), pos)
+            return Span(pos, stop - pos, None)
         for offset, chunk in self._tail:
             if offset <= pos < offset + len(chunk):
-                return chunk[pos - offset:limit - offset]
+                data = chunk[pos - offset:limit - offset]
+                return Span(pos, len(data), data)
         raise FetchFailed(f"bytes at {pos} of {self.digest} are no longer held")
+
+    def pread(self, span: Span) -> bytes:
+        """The bytes of a span (for senders that cannot use sendfile)."""
+        return span.data if span.data is not None else os.pread(self._fd, span.count, span.offset)
+
+    def open_file(self) -> BinaryIO:
+        """A file object on the temp file for `loop.sendfile` (its own descriptor)."""
+        return os.fdopen(os.dup(self._fd), "rb")
 
     async def _relay(self, chunk: bytes, offset: int) -> None:
         """Keep a chunk the disk could not take for the readers; wait while they lag too far."""
@@ -206,7 +224,7 @@ class Inflight:
             async with resp:
                 writer = self._store.writer(fetch.digest, resp.content_length)
                 fetch._begin(writer, resp.content_length)
-                while chunk := await resp.content.read(READ_CHUNK):
+                while chunk := await _next_chunk(resp.content):
                     if fetch._on_disk is None:
                         offset = writer.on_disk
                         try:
@@ -252,6 +270,16 @@ class Inflight:
                 del self._fetches[fetch.digest]
             fetch._finish(error)
             self._metrics.inflight_fetches.dec()
+
+
+async def _next_chunk(content: aiohttp.StreamReader) -> bytes:
+    """What upstream has sent, gathered up to WRITE_BATCH: few, large writes and wake-ups."""
+    first = await content.readany()
+    parts, size = [first], len(first)
+    while first and size < WRITE_BATCH and (more := content.read_nowait(WRITE_BATCH - size)):
+        parts.append(more)
+        size += len(more)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class SingleFlight:

@@ -5,17 +5,20 @@ database, and access times are batched, so a cache hit never waits on a write.
 """
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
 import aiosqlite
 from cachetools import LRUCache
 
 log = logging.getLogger("mirror.metadata")
 
+T = TypeVar("T")
 SCHEMA_VERSION = 1
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS content (
@@ -63,6 +66,18 @@ CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 """
 
 
+def _serialized(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """One database operation at a time: a query and its fetches or commit never interleave
+    with another coroutine's, which sqlite3 on one connection does not allow."""
+
+    @functools.wraps(method)
+    async def run(self: Metadata, *args: Any, **kwargs: Any) -> T:
+        async with self._lock:
+            return await method(self, *args, **kwargs)
+
+    return run
+
+
 class SchemaTooNew(Exception):
     """The database was written by a newer version of the mirror."""
 
@@ -93,6 +108,7 @@ class Metadata:
         self._tags: LRUCache[tuple[str, str, str], TagRow] = LRUCache(cache_entries)
         self._links: LRUCache[tuple[str, str, str], bool] = LRUCache(cache_entries)
         self._access: dict[str, float] = {}
+        self._lock = asyncio.Lock()
         self.size = 0  # bytes of content with a row, kept current as rows come and go
 
     @property
@@ -136,6 +152,7 @@ class Metadata:
             self._db = None
 
     # -- tags ---------------------------------------------------------------
+    @_serialized
     async def get_tag(self, upstream: str, repo: str, tag: str) -> TagRow | None:
         key = (upstream, repo, tag)
         row = self._tags.get(key)
@@ -152,6 +169,7 @@ class Metadata:
         self._tags[key] = row
         return row
 
+    @_serialized
     async def put_tag(self, row: TagRow) -> None:
         await self.db.execute(
             "INSERT OR REPLACE INTO tags VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -161,6 +179,7 @@ class Metadata:
         self._tags[(row.upstream, row.repo, row.tag)] = row
 
     # -- content and links ----------------------------------------------------
+    @_serialized
     async def add_content(self, digest: str, size: int, media_type: str | None, kind: str, now: float) -> None:
         cur = await self.db.execute(
             "INSERT OR IGNORE INTO content (digest, size, media_type, kind, created_at, last_access)"
@@ -176,6 +195,7 @@ class Metadata:
             )
         await self.db.commit()
 
+    @_serialized
     async def get_content(self, digest: str) -> ContentRow | None:
         async with self.db.execute(
             "SELECT digest, size, media_type, kind FROM content WHERE digest=?", (digest,)
@@ -183,6 +203,7 @@ class Metadata:
             row = await cur.fetchone()
         return ContentRow(*row) if row else None
 
+    @_serialized
     async def link(self, upstream: str, repo: str, digests: Iterable[str]) -> None:
         new = [d for d in dict.fromkeys(digests) if (upstream, repo, d) not in self._links]
         if not new:
@@ -194,6 +215,7 @@ class Metadata:
         for d in new:
             self._links[(upstream, repo, d)] = True
 
+    @_serialized
     async def is_linked(self, upstream: str, repo: str, digest: str) -> bool:
         key = (upstream, repo, digest)
         if key in self._links:
@@ -207,6 +229,7 @@ class Metadata:
         return found
 
     # -- access decisions -------------------------------------------------------
+    @_serialized
     async def get_access(self, upstream: str, repo: str, principal: str) -> tuple[bool, float, str] | None:
         """Upstream's last answer to "may `principal` (a fingerprint) read `repo`?"."""
         async with self.db.execute(
@@ -216,6 +239,7 @@ class Metadata:
             row = await cur.fetchone()
         return (bool(row[0]), row[1], row[2]) if row else None
 
+    @_serialized
     async def put_access(self, upstream: str, repo: str, principal: str, allowed: bool, at: float, message: str) -> None:
         await self.db.execute(
             "INSERT OR REPLACE INTO access VALUES (?, ?, ?, ?, ?, ?)",
@@ -228,6 +252,7 @@ class Metadata:
         """Record an access in memory; `flush_access` writes them in one batch."""
         self._access[digest] = now
 
+    @_serialized
     async def flush_access(self) -> None:
         if not self._access or self._db is None:
             return
@@ -239,40 +264,48 @@ class Metadata:
         await self.db.commit()
 
     # -- size, eviction and pins ------------------------------------------------
+    @_serialized
     async def total_size(self) -> int:
         async with self.db.execute("SELECT COALESCE(SUM(size), 0) FROM content") as cur:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
+    @_serialized
     async def content_usage(self) -> list[tuple[str, int, str, float]]:
         """(digest, size, kind, last_access) of everything cached, for eviction planning."""
         async with self.db.execute("SELECT digest, size, kind, last_access FROM content") as cur:
             return [(d, int(size), kind, float(at)) async for d, size, kind, at in cur]
 
+    @_serialized
     async def add_pin(self, upstream: str, repo: str, ref: str) -> None:
         await self.db.execute("INSERT OR IGNORE INTO pins VALUES (?, ?, ?)", (upstream, repo, ref))
         await self.db.commit()
 
+    @_serialized
     async def remove_pin(self, upstream: str, repo: str, ref: str) -> bool:
         cur = await self.db.execute("DELETE FROM pins WHERE upstream=? AND repo=? AND ref=?", (upstream, repo, ref))
         await self.db.commit()
         return cur.rowcount > 0
 
+    @_serialized
     async def pins(self) -> list[tuple[str, str, str]]:
         async with self.db.execute("SELECT upstream, repo, ref FROM pins ORDER BY upstream, repo, ref") as cur:
             return [(u, r, ref) async for u, r, ref in cur]
 
     # -- inspection and maintenance ---------------------------------------------
+    @_serialized
     async def usage_by_kind(self) -> dict[str, tuple[int, int]]:
         """kind → (objects, bytes)."""
         async with self.db.execute("SELECT kind, COUNT(*), COALESCE(SUM(size), 0) FROM content GROUP BY kind") as cur:
             return {kind: (int(n), int(size)) async for kind, n, size in cur}
 
+    @_serialized
     async def oldest_access(self) -> float | None:
         async with self.db.execute("SELECT MIN(last_access) FROM content") as cur:
             row = await cur.fetchone()
         return float(row[0]) if row and row[0] is not None else None
 
+    @_serialized
     async def repositories_by_size(self, limit: int) -> list[tuple[str, str, int]]:
         """(upstream, repo, bytes of cached content linked to it), largest first."""
         async with self.db.execute(
@@ -282,6 +315,7 @@ class Metadata:
         ) as cur:
             return [(u, r, int(size)) async for u, r, size in cur]
 
+    @_serialized
     async def repository_digests(self, upstream: str, repo: str) -> tuple[set[str], set[str]]:
         """Digests linked to the repository: (only to it, to other repositories too)."""
         async with self.db.execute(
@@ -292,6 +326,7 @@ class Metadata:
             rows = [(d, int(others)) async for d, others in cur]
         return {d for d, others in rows if not others}, {d for d, others in rows if others}
 
+    @_serialized
     async def forget_repository(self, upstream: str, repo: str) -> None:
         """Drop a repository's tags, links and access decisions (its content is dropped separately)."""
         for table in ("tags", "links", "access"):
@@ -300,16 +335,19 @@ class Metadata:
         self._tags.clear()
         self._links.clear()
 
+    @_serialized
     async def drop_tag(self, upstream: str, repo: str, tag: str) -> None:
         await self.db.execute("DELETE FROM tags WHERE upstream=? AND repo=? AND tag=?", (upstream, repo, tag))
         await self.db.commit()
         self._tags.pop((upstream, repo, tag), None)
 
     # -- reconciliation ---------------------------------------------------------
+    @_serialized
     async def all_content(self) -> dict[str, int]:
         async with self.db.execute("SELECT digest, size FROM content") as cur:
             return {d: s async for d, s in cur}
 
+    @_serialized
     async def drop_content(self, digests: Iterable[str]) -> None:
         batch = [(d,) for d in digests]
         for (digest,) in batch:

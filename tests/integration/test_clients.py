@@ -6,13 +6,14 @@ reach any real registry, so each pull below went through the mirror.
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
 from tests.fakes.fault_proxy import FaultProxy
-from tests.integration.clients import Client
+from tests.integration.clients import Client, Dockerd
 from tests.integration.images import ImageKind, push_image
 from tests.integration.mirror_process import MirrorProcess
 from tests.integration.registry import UpstreamRegistry
@@ -61,3 +62,19 @@ def test_cached_image_pulls_while_upstream_is_out(
 def test_big_layer_pulls_intact(pull_client: Client, upstream: UpstreamRegistry, mirror_proc: MirrorProcess, repo: str) -> None:
     image = push_image(upstream, repo, "v1", big_layer=True, layers=1)
     assert pull_client.pull(mirror_proc.host, repo, "v1") == image.digest
+
+
+def test_upstream_breaking_mid_body_then_retry_gives_correct_bytes(
+    dockerd_client: Dockerd, upstream: UpstreamRegistry, fault_proxy: FaultProxy,
+    mirror_factory: Callable[..., MirrorProcess], repo: str,
+) -> None:
+    mirror = mirror_factory(read_timeout="1s")
+    image = push_image(upstream, repo, "v1", big_layer=True, layers=1)
+    fault_proxy.delay = 0.0001
+    threading.Timer(0.5, lambda: setattr(fault_proxy, "delay", 3.0)).start()  # stalls mid-body
+    threading.Timer(4.0, lambda: setattr(fault_proxy, "delay", 0.0)).start()
+    dockerd_client.max_download_attempts = 3  # Docker's retry resumes with a Range request
+    try:
+        assert dockerd_client.pull(mirror.host, repo, "v1") == image.digest
+    finally:
+        dockerd_client.max_download_attempts = 1
