@@ -24,7 +24,8 @@ from mirror.upstream.client import Upstream, UpstreamError
 
 log = logging.getLogger("mirror.inflight")
 
-WRITE_BATCH = 4 << 20
+WRITE_BATCH = 1 << 20
+PIPELINE_DEPTH = 4  # chunks read ahead of hashing
 RELAY_LIMIT = 16 << 20  # memory a pass-through fetch may hold for its slowest reader
 T = TypeVar("T")
 
@@ -201,6 +202,42 @@ class Inflight:
         task.add_done_callback(self._tasks.discard)
         return fetch
 
+    async def _pump(self, fetch: Fetch, writer: BlobWriter, content: aiohttp.StreamReader) -> None:
+        """Upstream bytes to the temp file and the readers, hashed in a second thread meanwhile.
+
+        Reading goes on while a chunk is written (the loop fills aiohttp's buffer), and
+        hashing trails behind writing, so the three overlap on two cores.
+        """
+        chunks: asyncio.Queue[bytes | None] = asyncio.Queue(PIPELINE_DEPTH)
+
+        async def hash_all() -> None:
+            while (chunk := await chunks.get()) is not None:
+                await asyncio.to_thread(writer.hash, chunk)
+
+        hashing = asyncio.get_running_loop().create_task(hash_all())
+        try:
+            offset = 0
+            while chunk := await _next_chunk(content):
+                await chunks.put(chunk)
+                await self._keep(fetch, writer, chunk, offset)
+                offset += len(chunk)
+                fetch._advance(offset)
+            await chunks.put(None)
+            await hashing
+        finally:
+            hashing.cancel()
+
+    async def _keep(self, fetch: Fetch, writer: BlobWriter, chunk: bytes, offset: int) -> None:
+        """Write a chunk to disk; past a full disk, hold it in memory for the readers instead."""
+        if fetch._on_disk is None:
+            try:
+                await asyncio.to_thread(writer.append, chunk)
+                return
+            except OSError as exc:
+                self._disk_failed(fetch, writer, exc)
+        start = max(fetch._on_disk or 0, offset)
+        await fetch._relay(chunk[start - offset:], start)
+
     def _disk_failed(self, fetch: Fetch, writer: BlobWriter, exc: OSError) -> None:
         """The disk refused a write: pass the rest through to the readers, store nothing."""
         fetch._on_disk = writer.on_disk
@@ -224,19 +261,7 @@ class Inflight:
             async with resp:
                 writer = self._store.writer(fetch.digest, resp.content_length)
                 fetch._begin(writer, resp.content_length)
-                while chunk := await _next_chunk(resp.content):
-                    if fetch._on_disk is None:
-                        offset = writer.on_disk
-                        try:
-                            await asyncio.to_thread(writer.write, chunk)
-                        except OSError as exc:
-                            self._disk_failed(fetch, writer, exc)
-                            await fetch._relay(chunk[writer.on_disk - offset:], writer.on_disk)
-                    else:
-                        offset = writer.written
-                        writer.hash_only(chunk)
-                        await fetch._relay(chunk, offset)
-                    fetch._advance(writer.written)
+                await self._pump(fetch, writer, resp.content)
                 self._metrics.upstream_bytes.labels(upstream.name).inc(writer.written)
             if fetch._on_disk is None:
                 await asyncio.to_thread(writer.commit)

@@ -106,23 +106,22 @@ class BlobWriter:
         self._done = False
 
     def write(self, data: bytes | memoryview) -> None:
-        """Append and hash; blocking, so large chunks go through a worker thread.
+        """Append and hash (blocking: large chunks go through a worker thread)."""
+        self.hash(data)
+        self.append(data)
 
-        On an OSError (a full disk) the bytes are hashed all the same, so `verify` still
-        works, and the caller decides what to do with the bytes it holds.
-        """
+    def hash(self, data: bytes | memoryview) -> None:
+        """Feed bytes to the digest check; streams do this beside `append`, in another thread."""
         self._hash.update(data)
         self.written += len(data)
+
+    def append(self, data: bytes | memoryview) -> None:
+        """Add bytes to the temp file. On an OSError (a full disk) `on_disk` says how far it got."""
         view = memoryview(data)
         while view:
             n = os.write(self._fd, view)
             self.on_disk += n
             view = view[n:]
-
-    def hash_only(self, data: bytes | memoryview) -> None:
-        """Account for bytes that were not written (pass-through after the disk filled up)."""
-        self._hash.update(data)
-        self.written += len(data)
 
     def verify(self) -> None:
         """Raise DigestMismatch unless every byte seen hashes to the digest, at the expected size."""
@@ -135,6 +134,8 @@ class BlobWriter:
     def commit(self) -> None:
         """Verify size and digest, fsync, then atomically publish at the content path."""
         self.verify()
+        if self.on_disk != self.written:
+            raise DigestMismatch(f"{self.digest}: {self.written} bytes checked but {self.on_disk} written")
         os.fsync(self._fd)
         self.final_path.parent.mkdir(exist_ok=True)
         os.rename(self.tmp_path, self.final_path)

@@ -32,6 +32,7 @@ MANIFEST_TYPES = (
 )
 MANIFEST_MAX_BYTES = 4 << 20
 MAX_REDIRECTS = 5
+READ_BUFFER = 1 << 20  # large reads of blob bodies: few wake-ups, few writes
 
 
 class UpstreamError(Exception):
@@ -136,6 +137,7 @@ class Upstream:
                     sock_read=self.config.read_timeout,
                 ),
                 auto_decompress=False,
+                read_bufsize=READ_BUFFER,
                 headers={"User-Agent": "mirror/0.1 (pull-through cache)"},
             )
         return self._session
