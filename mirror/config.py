@@ -296,8 +296,3 @@ def load(
             f"{server.default_upstream!r} is not a configured upstream (configured: {', '.join(upstreams)})",
         )
     return Config(server=server, cache=cache, upstreams=upstreams)
-
-
-def with_server(config: Config, **changes: Any) -> Config:
-    """A copy of `config` with some server settings changed (tests and the CLI)."""
-    return replace(config, server=replace(config.server, **changes))

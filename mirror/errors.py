@@ -36,20 +36,8 @@ def name_invalid(name: str, why: str) -> RegistryError:
     return RegistryError("NAME_INVALID", 400, f"invalid repository name {name!r}: {why}")
 
 
-def name_unknown(message: str) -> RegistryError:
-    return RegistryError("NAME_UNKNOWN", 404, message)
-
-
 def digest_invalid(digest: str, why: str) -> RegistryError:
     return RegistryError("DIGEST_INVALID", 400, f"invalid digest {digest!r}: {why}")
-
-
-def manifest_unknown(ref: str) -> RegistryError:
-    return RegistryError("MANIFEST_UNKNOWN", 404, f"manifest unknown: {ref}")
-
-
-def blob_unknown(digest: str) -> RegistryError:
-    return RegistryError("BLOB_UNKNOWN", 404, f"blob unknown: {digest}")
 
 
 def unsupported(message: str) -> RegistryError:
