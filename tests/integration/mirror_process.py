@@ -5,12 +5,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.process import http_status, stop, wait_ready
 
 from tests.integration.registry import free_port
 
@@ -51,31 +51,11 @@ class MirrorProcess:
                 [sys.executable, "-m", "mirror", "serve", "--config", str(self.config)],
                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"mirror exited with {self._process.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/readyz", timeout=1) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"mirror not ready after {timeout}s:\n{self.log_tail()}")
+        wait_ready(self._process, lambda: http_status(f"{self.url}/readyz") == 200, "mirror", timeout, self.log_tail)
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
-        if self._process is None:
-            return None
-        if self._process.poll() is None:
-            self._process.send_signal(sig)
-            try:
-                self._process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-        code, self._process = self._process.returncode, None
-        return code
+        process, self._process = self._process, None
+        return stop(process, sig)
 
     def kill(self) -> None:
         """kill -9: no chance to clean up, as in a crash."""

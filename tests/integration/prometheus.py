@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from tests.integration.process import http_status, stop, wait_ready
 from tests.integration.registry import free_port, require_binary
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,30 +62,12 @@ class Prometheus:
                 f"--web.listen-address=127.0.0.1:{self.port}",
                 "--log.level=warn",
             ], stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"prometheus exited with {self._process.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"prometheus not ready after {START_TIMEOUT}s:\n{self.log_tail()}")
+        wait_ready(self._process, lambda: http_status(f"{self.url}/-/ready") == 200, "prometheus", START_TIMEOUT,
+                   self.log_tail)
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""

@@ -11,14 +11,13 @@ import shutil
 import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 
 from tests.fakes.token_server import TokenServer
+from tests.integration.process import http_status, stop, wait_ready
 
 # Which Debian package provides each binary the integration tests run.
 DEBIAN_PACKAGES = {
@@ -135,27 +134,12 @@ class UpstreamRegistry:
             return
         with self.access_log.open("ab") as out, self.error_log.open("ab") as err:
             self._process = subprocess.Popen([self._binary, "serve", str(self._config)], stdout=out, stderr=err)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"docker-registry exited with {self._process.returncode}:\n{self._log_tail()}")
-            if self._status("/v2/") == 401:
-                return
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"docker-registry did not answer on {self.url} within {timeout}s:\n{self._log_tail()}")
+        wait_ready(self._process, lambda: http_status(f"{self.url}/v2/") == 401, "docker-registry", timeout, self._log_tail)
 
     def stop(self) -> None:
         """Terminate the process (kill it if it lingers); storage and port are kept."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
     def requests(self) -> list[UpstreamRequest]:
         """Every request the registry has answered so far, oldest first.
@@ -166,7 +150,7 @@ class UpstreamRegistry:
         """
         marker = f"{_SYNC_PATH}{secrets.token_hex(8)}" if self.running else None
         if marker is not None:
-            self._status(marker)
+            http_status(self.url + marker)
         deadline = time.monotonic() + 5
         while True:
             entries = self._parse_log()
@@ -190,17 +174,6 @@ class UpstreamRegistry:
             if m := _ACCESS_LINE.search(line):
                 entries.append(UpstreamRequest(m["method"], m["path"], int(m["status"])))
         return entries
-
-    def _status(self, path: str) -> int | None:
-        """HTTP status of an unauthenticated GET, or None if nothing answers."""
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=2) as response:
-                return int(response.status)
-        except urllib.error.HTTPError as e:
-            e.close()
-            return e.code
-        except OSError:
-            return None
 
     def _log_tail(self, lines: int = 20) -> str:
         if not self.error_log.exists():
