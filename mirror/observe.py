@@ -54,8 +54,11 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         response = await handler(request)
         if not response.prepared:
-            await response.prepare(request)
-            await response.write_eof()
+            try:
+                await response.prepare(request)
+                await response.write_eof()
+            except ConnectionError:
+                pass  # the client went away mid-answer: nothing to log but the access line
         return response
     finally:
         kind = request.get(KIND, "other")

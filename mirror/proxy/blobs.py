@@ -175,6 +175,8 @@ class BlobService:
             return resp
         try:
             await self._send(request, resp, fetch, start, end)
+        except ConnectionError:
+            return resp  # the client went away; the fetch goes on without it
         except FetchFailed as exc:
             log.warning("aborting %s %s: %s", request.method, request.path, exc)
             if request.transport is not None:
