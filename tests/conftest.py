@@ -41,6 +41,10 @@ class Mirror:
     def services(self) -> Services:
         return self.app[SERVICES]
 
+    async def settled(self) -> None:
+        """Wait until fetches have stored what they fetched (clients may finish before that)."""
+        await self.services.blobs.inflight.idle()
+
 
 @pytest.fixture
 async def fake_registry() -> AsyncIterator[FakeRegistry]:

@@ -46,6 +46,7 @@ async def test_invariant_2_no_reader_sees_a_partial_file(mirror: Mirror, fake_re
     assert len(list(store.tmp_dir.iterdir())) == 1
     stall.set()
     assert data[1000:] == await resp.read()
+    await mirror.settled()
     assert store.path(digest).read_bytes() == data
     assert list(store.tmp_dir.iterdir()) == []
 

@@ -73,6 +73,7 @@ async def test_a_known_sequence_gives_exact_counter_values(mirror: Mirror, fake_
     async def get(path: str, method: str = "GET", **headers: str) -> aiohttp.ClientResponse:
         resp = await mirror.client.request(method, f"/v2/{path}", headers={**ACCEPT, **headers})
         await _read_or_none(resp)
+        await mirror.settled()  # the fetch stores after its clients have their bytes
         return resp
 
     # version check (the mirror's auth challenge): kind base, not content
@@ -235,6 +236,7 @@ async def test_cache_gauges_have_no_value_until_wired_then_match_the_store(
     await mirror.client.get("/v2/library/app/manifests/v1", headers=ACCEPT)
     for digest in image.layer_digests:
         await (await mirror.client.get(f"/v2/library/app/blobs/{digest}")).read()
+    await mirror.settled()
     names = ("mirror_cache_size_bytes", "mirror_cache_objects", "mirror_cache_max_bytes")
     metrics: Metrics = mirror.services.metrics
     if metrics.cache.usage is None:  # not wired by the app: declared, but no made-up zero

@@ -99,7 +99,8 @@ class BlobService:
                 return await self._head_miss(request, upstream, repo, digest, principal)
             if fetch is not None:
                 request[RESULT] = "coalesced"
-                if (fetch.upstream, fetch.repo) != (upstream.name, repo):
+                elsewhere = (fetch.upstream, fetch.repo) != (upstream.name, repo)
+                if elsewhere and not await self.metadata.is_linked(upstream.name, repo, digest):
                     await self._confirm(upstream, repo, digest, principal.upstream)
                 return await self._stream(request, fetch, head)
             request[RESULT] = "miss"

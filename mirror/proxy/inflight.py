@@ -53,6 +53,7 @@ class Fetch:
         self.tmp_name = ""
         self.written = 0
         self.done = False
+        self.verified = False  # every byte hashed to the digest: all of it may go out
         self.error: BaseException | None = None
         self.started = asyncio.Event()
         self._progress = asyncio.Event()
@@ -76,6 +77,10 @@ class Fetch:
         self.written = written
         event, self._progress = self._progress, asyncio.Event()
         event.set()
+
+    def _verified(self) -> None:
+        self.verified = True
+        self._advance(self.written)
 
     def _finish(self, error: BaseException | None) -> None:
         self.error = error
@@ -118,7 +123,7 @@ class Fetch:
             while end is None or pos < end:
                 if self.error is not None:
                     raise FetchFailed(str(self.error))
-                available = self.written if self.done else self._unverified_limit()
+                available = self.written if self.done or self.verified else self._unverified_limit()
                 if pos < available:
                     span = self._span_at(pos, available if end is None else min(available, end))
                     yield span
@@ -203,29 +208,39 @@ class Inflight:
         return fetch
 
     async def _pump(self, fetch: Fetch, writer: BlobWriter, content: aiohttp.StreamReader) -> None:
-        """Upstream bytes to the temp file and the readers, hashed in a second thread meanwhile.
+        """Upstream bytes to the temp file (and so to the readers) and to the digest check.
 
-        Reading goes on while a chunk is written (the loop fills aiohttp's buffer), and
-        hashing trails behind writing, so the three overlap on two cores.
+        Three stages joined by short queues: reading from the socket, writing (a worker
+        thread) and hashing (another), so they overlap instead of taking turns.
         """
-        chunks: asyncio.Queue[bytes | None] = asyncio.Queue(PIPELINE_DEPTH)
+        to_disk: asyncio.Queue[bytes | None] = asyncio.Queue(PIPELINE_DEPTH)
+        to_hash: asyncio.Queue[bytes | None] = asyncio.Queue(PIPELINE_DEPTH)
 
-        async def hash_all() -> None:
-            while (chunk := await chunks.get()) is not None:
-                await asyncio.to_thread(writer.hash, chunk)
-
-        hashing = asyncio.get_running_loop().create_task(hash_all())
-        try:
-            offset = 0
+        async def read_all() -> None:
             while chunk := await _next_chunk(content):
-                await chunks.put(chunk)
+                await to_disk.put(chunk)
+                await to_hash.put(chunk)
+            await to_disk.put(None)
+            await to_hash.put(None)
+
+        async def store_all() -> None:
+            offset = 0
+            while (chunk := await to_disk.get()) is not None:
                 await self._keep(fetch, writer, chunk, offset)
                 offset += len(chunk)
                 fetch._advance(offset)
-            await chunks.put(None)
-            await hashing
+
+        async def hash_all() -> None:
+            while (chunk := await to_hash.get()) is not None:
+                await asyncio.to_thread(writer.hash, chunk)
+
+        stages = [asyncio.ensure_future(stage()) for stage in (read_all, store_all, hash_all)]
+        try:
+            await asyncio.gather(*stages)
         finally:
-            hashing.cancel()
+            for stage in stages:
+                stage.cancel()
+            await asyncio.gather(*stages, return_exceptions=True)
 
     async def _keep(self, fetch: Fetch, writer: BlobWriter, chunk: bytes, offset: int) -> None:
         """Write a chunk to disk; past a full disk, hold it in memory for the readers instead."""
@@ -246,6 +261,11 @@ class Inflight:
         log.error("cannot store %s (%s); passing it through uncached and evicting early", fetch.digest, exc.strerror)
         self._on_disk_full()
 
+    async def idle(self) -> None:
+        """Wait until every running fetch has finished storing (for tests and maintenance)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
     async def close(self) -> None:
         """Cancel running fetches at shutdown; their temp files are removed."""
         for task in list(self._tasks):
@@ -263,11 +283,11 @@ class Inflight:
                 fetch._begin(writer, resp.content_length)
                 await self._pump(fetch, writer, resp.content)
                 self._metrics.upstream_bytes.labels(upstream.name).inc(writer.written)
+            writer.verify()
+            fetch._verified()  # readers may have the last byte now; storing it can follow
             if fetch._on_disk is None:
                 await asyncio.to_thread(writer.commit)
                 await on_stored(fetch)
-            else:
-                writer.verify()  # passed through, not stored: the readers got verified bytes
         except DigestMismatch as exc:
             error = exc
             self._metrics.digest_mismatches.labels(upstream.name).inc()

@@ -34,6 +34,7 @@ async def pull(mirror: Mirror, repo: str, image: Image) -> None:
         resp = await mirror.client.get(f"/v2/{repo}/blobs/{digest}")
         assert resp.status == 200
         await resp.read()
+    await mirror.settled()
     await mirror.services.blobs.metadata.flush_access()
 
 
@@ -108,6 +109,7 @@ async def test_index_parts_age_together(small_mirror: Mirror, fake_registry: Fak
 async def test_serving_survives_eviction_of_the_file_being_sent(small_mirror: Mirror, fake_registry: FakeRegistry) -> None:
     digest = fake_registry.add_blob("library/big", b"z" * 900_000)
     await (await small_mirror.client.get(f"/v2/library/big/blobs/{digest}")).read()
+    await small_mirror.settled()
     resp = await small_mirror.client.get(f"/v2/library/big/blobs/{digest}")
     await resp.content.readexactly(1000)
     await evictor(small_mirror).evict(force=True)

@@ -157,6 +157,7 @@ async def test_blob_known_elsewhere_is_confirmed_upstream_before_serving(mirror:
 async def test_bytes_land_in_the_store_with_their_digest(mirror: Mirror, fake_registry: FakeRegistry) -> None:
     digest, data = _blob(fake_registry)
     await (await mirror.client.get(f"/v2/library/app/blobs/{digest}")).read()
+    await mirror.settled()
     path = mirror.services.blobs.store.path(digest)
     assert digest_of(path.read_bytes()) == digest
     assert path.parent.parent == mirror.data_dir / "content" / "sha256"
