@@ -122,9 +122,12 @@ class Upstream:
         self._session: aiohttp.ClientSession | None = None
 
     def _ssl(self) -> ssl.SSLContext | bool:
+        """Verified TLS: aiohttp's shared default context, or one trusting `ca_file`."""
         if self.config.insecure_skip_verify:
             return False
-        return ssl.create_default_context(cafile=self.config.ca_file)
+        if self.config.ca_file:
+            return ssl.create_default_context(cafile=self.config.ca_file)
+        return True
 
     @property
     def session(self) -> aiohttp.ClientSession:
