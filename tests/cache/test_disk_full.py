@@ -42,6 +42,7 @@ async def test_disk_full_during_a_fetch_passes_bytes_through(
     fake_registry.chunk_delay = 0.0005
     responses = await asyncio.gather(*(mirror.client.get(f"/v2/library/big/blobs/{digest}") for _ in range(3)))
     bodies = await asyncio.gather(*(r.read() for r in responses))
+    await mirror.settled()
     assert bodies == [big] * 3
     assert fake_registry.count(method="GET", kind="blob") == 1
     store = mirror.services.blobs.store
@@ -51,4 +52,5 @@ async def test_disk_full_during_a_fetch_passes_bytes_through(
     small = os.urandom(100_000)
     small_digest = fake_registry.add_blob("library/big", small)
     assert await (await mirror.client.get(f"/v2/library/big/blobs/{small_digest}")).read() == small
+    await mirror.settled()
     assert store.size(small_digest) == len(small)

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -63,6 +64,12 @@ class MirrorProcess:
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
+
+    def wait_idle(self, timeout: float = 30.0) -> None:
+        """Wait until no fetch is running: clients get their bytes before the mirror has stored them."""
+        deadline = time.monotonic() + timeout
+        while self.metric("mirror_inflight_fetches") and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def metric(self, name: str, **labels: str) -> float:
         """The value of one sample on /metrics (0 when absent)."""

@@ -88,6 +88,7 @@ def test_size_cap_keeps_pinned_and_recent_images_and_evicts_whole_ones(
     assert mirror_cmd(mirror, "cache", "pin", f"{images[0].repo}:v1").returncode == 0
     for image in images[1:]:
         _pull_all(mirror, skopeo_client, [image])
+        mirror.wait_idle()
         _wait_under(mirror, cap)
     stats = json.loads(mirror_cmd(mirror, "cache", "stats", "--json").stdout)
     assert stats["size_bytes"] <= cap and stats["max_bytes"] == cap
@@ -111,6 +112,7 @@ def test_stats_pin_purge_and_gc_on_a_running_and_a_stopped_mirror(
 ) -> None:
     keep, drop = (push_image(upstream, random_repo(), "v1") for _ in range(2))
     _pull_all(mirror_proc, skopeo_client, [keep, drop])
+    mirror_proc.wait_idle()
     stats = json.loads(mirror_cmd(mirror_proc, "cache", "stats", "--json").stdout)
     assert stats["objects"]["manifest"] == 2 and stats["hit_ratio"] is not None
     assert {r["repository"] for r in stats["top_by_size"]} == {f"docker.io/{keep.repo}", f"docker.io/{drop.repo}"}
@@ -162,6 +164,7 @@ def test_kill_9_during_20_fetches_then_gc(
     images = [push_image(upstream, random_repo(), "v1", layers=1, layer_size=3 << 20) for _ in range(20)]
     done_first = images[:5]
     _pull_all(mirror_proc, skopeo_client, done_first)  # these complete before the crash
+    mirror_proc.wait_idle()
     fault_proxy.delay = 0.02  # the other 15 stream slowly: the crash lands mid-fetch
     readers = [threading.Thread(target=_quietly_get, daemon=True,
                                 args=(f"{mirror_proc.url}/v2/{i.repo}/blobs/{i.all_blobs[-1].digest}",))

@@ -173,6 +173,7 @@ def test_kill_9_mid_fetch_leaves_nothing_partial(
     assert list(tmp.iterdir()) == []
     pull(mirror_proc, f"{repo}:v1", tmp_path / "after")
     assert_pulled(image, tmp_path / "after")
+    mirror_proc.wait_idle()
     assert content.exists()
 
 
