@@ -16,7 +16,6 @@ import tomllib
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import pytest
 import yaml
 
 from mirror import clientconfig

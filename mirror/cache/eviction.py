@@ -13,7 +13,7 @@ import asyncio
 import logging
 import shutil
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Callable
 
 from mirror.config import parse_size
 from mirror.metrics import Metrics

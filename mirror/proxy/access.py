@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, TypeVar
 
 from cachetools import LRUCache
 
@@ -23,6 +23,7 @@ from mirror.upstream.auth import Credentials, fingerprint
 from mirror.upstream.client import Upstream, UpstreamError
 
 DENIAL_TTL = 30.0
+T = TypeVar("T")
 
 Probe = Callable[[Credentials | None], Awaitable[object]]
 
@@ -84,6 +85,16 @@ class AccessPolicy:
                 await self._record(key, True)
         elif error.status in (401, 403):
             await self._record(key, False, error.message)
+
+    async def observe(self, upstream: Upstream, repo: str, principal: Principal, work: Awaitable[T]) -> T:
+        """Await upstream work done with the principal's credentials, learning its access from the answer."""
+        try:
+            result = await work
+        except UpstreamError as exc:
+            await self.learn(upstream, repo, principal, exc)
+            raise
+        await self.learn(upstream, repo, principal, None)
+        return result
 
     async def ensure(self, upstream: Upstream, repo: str, principal: Principal, probe: Probe) -> None:
         """Return if `principal` may read `repo`; raise 401/403 (or upstream's failure) if not."""

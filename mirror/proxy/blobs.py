@@ -90,8 +90,7 @@ class BlobService:
         try:
             if fetch is None and (size := self.store.size(digest)) is not None:
                 await self._allow(upstream, repo, digest, principal)
-                if not await self.metadata.is_linked(upstream.name, repo, digest):
-                    await self._confirm(upstream, repo, digest, principal.upstream)
+                await self._linked(upstream, repo, digest, principal)
                 return self._hit(request, digest, size)
             if fetch is not None or not principal.fetches_as_itself:
                 await self._allow(upstream, repo, digest, principal)
@@ -99,18 +98,13 @@ class BlobService:
                 return await self._head_miss(request, upstream, repo, digest, principal)
             if fetch is not None:
                 request[RESULT] = "coalesced"
-                elsewhere = (fetch.upstream, fetch.repo) != (upstream.name, repo)
-                if elsewhere and not await self.metadata.is_linked(upstream.name, repo, digest):
-                    await self._confirm(upstream, repo, digest, principal.upstream)
+                if (fetch.upstream, fetch.repo) != (upstream.name, repo):
+                    await self._linked(upstream, repo, digest, principal)
                 return await self._stream(request, fetch, head)
             request[RESULT] = "miss"
             fetch = self.inflight.start(upstream, repo, digest, principal.upstream, self._stored)
-            try:
-                await fetch.wait_started()  # upstream's answer to our GET tells whether it lets us read
-            except UpstreamError as exc:
-                await self.access.learn(upstream, repo, principal, exc)
-                raise
-            await self.access.learn(upstream, repo, principal, None)
+            # upstream's answer to our GET tells whether it lets this principal read
+            await self.access.observe(upstream, repo, principal, fetch.wait_started())
             return await self._stream(request, fetch, head)
         except UpstreamError as exc:
             raise exc.to_registry_error("BLOB_UNKNOWN") from None
@@ -123,6 +117,11 @@ class BlobService:
     async def _allow(self, upstream: Upstream, repo: str, digest: str, principal: Principal) -> None:
         """The access check, probing with a HEAD of this very blob (which also proves the link)."""
         await self.access.ensure(upstream, repo, principal, lambda creds: self._confirm(upstream, repo, digest, creds))
+
+    async def _linked(self, upstream: Upstream, repo: str, digest: str, principal: Principal) -> None:
+        """Make sure `repo` holds `digest` upstream before serving it through that repository."""
+        if not await self.metadata.is_linked(upstream.name, repo, digest):
+            await self._confirm(upstream, repo, digest, principal.upstream)
 
     async def _confirm(self, upstream: Upstream, repo: str, digest: str, creds: Credentials | None) -> None:
         """One upstream HEAD: does `repo` really hold `digest`? Then link it."""
@@ -142,12 +141,7 @@ class BlobService:
         self, request: web.Request, upstream: Upstream, repo: str, digest: str, principal: Principal
     ) -> web.StreamResponse:
         request[RESULT] = "miss"
-        try:
-            size = await upstream.head_blob(repo, digest, principal.upstream)
-        except UpstreamError as exc:
-            await self.access.learn(upstream, repo, principal, exc)
-            raise exc.to_registry_error("BLOB_UNKNOWN") from None
-        await self.access.learn(upstream, repo, principal, None)
+        size = await self.access.observe(upstream, repo, principal, upstream.head_blob(repo, digest, principal.upstream))
         resp = web.StreamResponse(status=200, headers=_headers(digest))
         if size is not None:
             resp.content_length = size

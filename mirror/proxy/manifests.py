@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Iterable, TypeVar
+from typing import Callable, Iterable
 
 from cachetools import LRUCache
 
@@ -32,7 +32,6 @@ log = logging.getLogger("mirror.manifests")
 ACCEPT_ALL = ", ".join(MANIFEST_TYPES)
 MEMORY_BYTES = 64 << 20
 PARTS_RECHECK = 60.0
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -114,16 +113,6 @@ class ManifestService:
             upstream, repo, principal, lambda creds: upstream.head_manifest(repo, ref, ACCEPT_ALL, creds)
         )
 
-    async def _as_principal(self, upstream: Upstream, repo: str, principal: Principal, work: Awaitable[T]) -> T:
-        """Run upstream work with the principal's upstream credentials, learning its access from it."""
-        try:
-            result = await work
-        except UpstreamError as exc:
-            await self.access.learn(upstream, repo, principal, exc)
-            raise
-        await self.access.learn(upstream, repo, principal, None)
-        return result
-
     # -- by digest ---------------------------------------------------------------
     async def _by_digest(self, upstream: Upstream, repo: str, digest: str, principal: Principal) -> Answer:
         cached = await self._load(digest)
@@ -135,7 +124,7 @@ class ManifestService:
             return _answer(cached, "hit")
         if not principal.fetches_as_itself:
             await self._allow(upstream, repo, principal, digest)
-        fetched = await self._as_principal(upstream, repo, principal, self._flights.do(
+        fetched = await self.access.observe(upstream, repo, principal, self._flights.do(
             ("digest", upstream.name, repo, digest, fingerprint(principal.upstream)),
             lambda: self._fetch(upstream, repo, digest, digest, principal.upstream),
         ))
@@ -189,7 +178,7 @@ class ManifestService:
         if not principal.fetches_as_itself:
             await self._allow(upstream, repo, principal, tag)
         try:
-            return await self._as_principal(upstream, repo, principal, self._flights.do(
+            return await self.access.observe(upstream, repo, principal, self._flights.do(
                 ("tag", upstream.name, repo, tag, fingerprint(principal.upstream)),
                 lambda: self._revalidate(upstream, repo, tag, row, principal.upstream),
             ))

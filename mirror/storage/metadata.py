@@ -350,13 +350,11 @@ class Metadata:
     @_serialized
     async def drop_content(self, digests: Iterable[str]) -> None:
         batch = [(d,) for d in digests]
-        for (digest,) in batch:
-            async with self.db.execute("SELECT size FROM content WHERE digest=?", (digest,)) as cur:
-                row = await cur.fetchone()
-            self.size -= int(row[0]) if row else 0
         await self.db.executemany("DELETE FROM content WHERE digest=?", batch)
         await self.db.executemany("DELETE FROM links WHERE digest=?", batch)
         await self.db.executemany("DELETE FROM tags WHERE digest=?", batch)
         await self.db.commit()
+        async with self.db.execute("SELECT COALESCE(SUM(size), 0) FROM content") as cur:
+            self.size = int((await cur.fetchone() or (0,))[0])  # one query, not one per digest
         self._tags.clear()
         self._links.clear()

@@ -19,6 +19,7 @@ from tests.integration.clients import (  # noqa: F401  (fixtures)
     skopeo_client,
 )
 from tests.integration.mirror_process import MirrorProcess
+from tests.integration.prometheus import prometheus_factory  # noqa: F401  (fixture)
 from tests.integration.registry import UpstreamRegistry, random_repo, require_binary
 
 

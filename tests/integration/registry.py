@@ -162,6 +162,10 @@ class UpstreamRegistry:
                 return [e for e in entries if not e.path.startswith(_SYNC_PATH)]
             time.sleep(0.01)
 
+    def gets(self, repo: str) -> int:
+        """Successful GETs of `repo`'s manifests and blobs: what a cache should have saved."""
+        return self.count("GET", f"/v2/{repo}/", status=200)
+
     def count(self, method: str, path_substring: str, status: int | None = None) -> int:
         """How many `method` requests had `path_substring` in their target (and `status`, if given)."""
         return sum(

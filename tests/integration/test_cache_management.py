@@ -33,10 +33,6 @@ def mirror_cmd(mirror: MirrorProcess, *args: str, timeout: float = 120) -> subpr
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def upstream_gets(upstream: UpstreamRegistry, repo: str) -> int:
-    return upstream.count("GET", f"/v2/{repo}/", status=200)
-
-
 def test_warm_then_pulls_make_no_upstream_gets(
     upstream: UpstreamRegistry, mirror_proc: MirrorProcess, skopeo_client: Skopeo, tmp_path: Path
 ) -> None:
@@ -47,10 +43,10 @@ def test_warm_then_pulls_make_no_upstream_gets(
     assert done.returncode == 0, done.stderr + done.stdout
     assert "2 pulled, 0 already cached, 0 failed" in done.stdout
     assert "[2/2]" in done.stderr  # plain progress lines when not on a terminal
-    before = {i.repo: upstream_gets(upstream, i.repo) for i in images}
+    before = {i.repo: upstream.gets(i.repo) for i in images}
     for image in images:
         assert skopeo_client.pull(mirror_proc.host, image.repo, "v1") == image.digest
-        assert upstream_gets(upstream, image.repo) == before[image.repo], "a warmed image went upstream"
+        assert upstream.gets(image.repo) == before[image.repo], "a warmed image went upstream"
     again = mirror_cmd(mirror_proc, "warm", f"{images[0].repo}:v1")
     assert again.returncode == 0 and "0 pulled, 1 already cached" in again.stdout
 
@@ -102,9 +98,9 @@ def test_size_cap_keeps_pinned_and_recent_images_and_evicts_whole_ones(
     assert images[-1].digest[7:] in present, "the most recent image was evicted"
     assert mirror.metric("mirror_evictions_total") > 0
     for image in (images[0], images[-1]):
-        gets = upstream_gets(upstream, image.repo)
+        gets = upstream.gets(image.repo)
         assert skopeo_client.pull(mirror.host, image.repo, "v1") == image.digest
-        assert upstream_gets(upstream, image.repo) == gets
+        assert upstream.gets(image.repo) == gets
 
 
 def test_stats_pin_purge_and_gc_on_a_running_and_a_stopped_mirror(
@@ -184,9 +180,9 @@ def test_kill_9_during_20_fetches_then_gc(
     fault_proxy.delay = 0
     mirror_proc.start()
     for image in done_first:  # nothing that had completed was lost
-        gets = upstream_gets(upstream, image.repo)
+        gets = upstream.gets(image.repo)
         assert skopeo_client.pull(mirror_proc.host, image.repo, "v1") == image.digest
-        assert upstream_gets(upstream, image.repo) == gets
+        assert upstream.gets(image.repo) == gets
     _pull_all(mirror_proc, skopeo_client, images[5:])
 
 

@@ -7,7 +7,6 @@ reach any real registry, so each pull below went through the mirror.
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -21,10 +20,6 @@ from tests.integration.registry import UpstreamRegistry
 pytestmark = pytest.mark.integration
 
 
-def upstream_gets(upstream: UpstreamRegistry, repo: str) -> int:
-    return upstream.count("GET", f"/v2/{repo}/", status=200)
-
-
 @pytest.mark.parametrize("kind", ["schema2", "oci", "list", "index"])
 def test_client_pulls_by_tag_and_digest(
     pull_client: Client, upstream: UpstreamRegistry, mirror_proc: MirrorProcess, repo: str, kind: ImageKind
@@ -32,11 +27,11 @@ def test_client_pulls_by_tag_and_digest(
     image = push_image(upstream, repo, "v1", kind=kind)
     assert pull_client.pull(mirror_proc.host, repo, "v1") == image.digest
     pull_client.remove_all()
-    gets = upstream_gets(upstream, repo)
+    gets = upstream.gets(repo)
     assert pull_client.pull(mirror_proc.host, repo, image.digest) == image.digest
     pull_client.remove_all()
     assert pull_client.pull(mirror_proc.host, repo, "v1") == image.digest
-    assert upstream_gets(upstream, repo) == gets, "a second pull must be served from the cache"
+    assert upstream.gets(repo) == gets, "a second pull must be served from the cache"
 
 
 @pytest.mark.parametrize("fault", ["stopped", "503", "hang"])

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.integration.images import DOCKER_MANIFEST, push_image
 from tests.integration.mirror_process import MirrorProcess
 from tests.integration.prometheus import (  # noqa: F401
-    Prometheus, dashboard_exprs, metric_names, prometheus_factory, to_promql,
+    Prometheus, dashboard_exprs, metric_names, to_promql,
 )
 from tests.integration.registry import UpstreamRegistry
 
@@ -48,7 +48,7 @@ def pull_something(upstream: UpstreamRegistry, mirror: MirrorProcess, repo: str)
 
 def test_every_dashboard_expression_runs_and_names_exported_metrics(
     upstream: UpstreamRegistry, mirror_proc: MirrorProcess, repo: str,
-    prometheus_factory: Callable[[list[str]], Prometheus],  # noqa: F811
+    prometheus_factory: Callable[[list[str]], Prometheus],
 ) -> None:
     prometheus = prometheus_factory([mirror_proc.host])
     prometheus.wait_scraped()
@@ -80,7 +80,7 @@ def test_every_dashboard_expression_runs_and_names_exported_metrics(
 
 def test_alert_rules_name_exported_metrics(
     upstream: UpstreamRegistry, mirror_proc: MirrorProcess, repo: str,
-    prometheus_factory: Callable[[list[str]], Prometheus],  # noqa: F811
+    prometheus_factory: Callable[[list[str]], Prometheus],
 ) -> None:
     prometheus = prometheus_factory([mirror_proc.host])
     prometheus.wait_scraped()

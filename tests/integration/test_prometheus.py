@@ -9,7 +9,7 @@ import pytest
 
 from tests.integration.images import DOCKER_MANIFEST, push_image
 from tests.integration.mirror_process import MirrorProcess
-from tests.integration.prometheus import Prometheus, dashboard_exprs, prometheus_factory, to_promql  # noqa: F401
+from tests.integration.prometheus import Prometheus, dashboard_exprs, to_promql
 from tests.integration.registry import UpstreamRegistry
 
 pytestmark = pytest.mark.integration
@@ -37,7 +37,7 @@ def panel_expr(title: str) -> str:
 
 def test_dashboard_ratios_after_a_known_sequence_of_pulls(
     upstream: UpstreamRegistry, mirror_proc: MirrorProcess, repo: str,
-    prometheus_factory: Callable[[list[str]], Prometheus],  # noqa: F811
+    prometheus_factory: Callable[[list[str]], Prometheus],
 ) -> None:
     prometheus = prometheus_factory([mirror_proc.host])
     prometheus.wait_scraped()

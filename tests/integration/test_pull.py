@@ -56,11 +56,6 @@ def assert_pulled(image: PushedImage, out: Path) -> None:
         assert sha256_file(blobs[blob.digest]) == blob.digest
 
 
-def upstream_gets(upstream: UpstreamRegistry, repo: str) -> int:
-    """Successful GETs of manifests and blobs of `repo` the real registry served."""
-    return upstream.count("GET", f"/v2/{repo}/", status=200)
-
-
 @pytest.mark.parametrize("kind", ["schema2", "oci", "list", "index"])
 def test_pull_by_tag_and_digest_then_from_cache(
     upstream: UpstreamRegistry, mirror_proc: MirrorProcess, repo: str, kind: ImageKind, tmp_path: Path
@@ -70,10 +65,10 @@ def test_pull_by_tag_and_digest_then_from_cache(
     assert_pulled(image, tmp_path / "by-tag")
     pull(mirror_proc, f"{repo}@{image.digest}", tmp_path / "by-digest")
     assert_pulled(image, tmp_path / "by-digest")
-    before = upstream_gets(upstream, repo)
+    before = upstream.gets(repo)
     pull(mirror_proc, f"{repo}:v1", tmp_path / "again")
     assert_pulled(image, tmp_path / "again")
-    assert upstream_gets(upstream, repo) == before
+    assert upstream.gets(repo) == before
 
 
 def test_short_docker_hub_names_mean_library(upstream: UpstreamRegistry, mirror_proc: MirrorProcess, repo: str) -> None:
@@ -90,10 +85,10 @@ def test_expired_tag_costs_one_head_and_no_get(
     mirror = mirror_factory(tag_ttl="0s")
     image = push_image(upstream, repo, "v1")
     pull(mirror, f"{repo}:v1", tmp_path / "first")
-    gets, heads = upstream_gets(upstream, repo), upstream.count("HEAD", f"/v2/{repo}/manifests/v1", status=200)
+    gets, heads = upstream.gets(repo), upstream.count("HEAD", f"/v2/{repo}/manifests/v1", status=200)
     pull(mirror, f"{repo}:v1", tmp_path / "second")
     assert_pulled(image, tmp_path / "second")
-    assert upstream_gets(upstream, repo) == gets
+    assert upstream.gets(repo) == gets
     assert upstream.count("HEAD", f"/v2/{repo}/manifests/v1", status=200) == heads + 1
 
 
