@@ -76,6 +76,7 @@ class Metrics:
             "mirror_evicted_bytes", "Bytes removed from the cache to stay under its size cap", registry=r)
         self.cache = CacheCollector()
         r.register(self.cache)
+        self._request_children: dict[tuple[str, str, str], tuple[Counter, Histogram, Counter]] = {}
         for kind in CONTENT_KINDS:
             self.request_duration.labels(kind)
             for method in ("GET", "HEAD"):
@@ -85,6 +86,26 @@ class Metrics:
             self.bytes_served.labels(source)
         for result in ("unchanged", "changed", "error"):
             self.tag_revalidations.labels(result)
+
+    def count_request(self, kind: str, method: str, result: str, seconds: float, body_bytes: int | None) -> None:
+        """One client request: its result, duration and (for content served) body bytes by source.
+
+        The labelled children are looked up once per label set: `labels()` takes a
+        lock and builds a tuple, a measurable share of a cached manifest request.
+        """
+        key = (kind, method, result)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (
+                self.requests.labels(kind, method, result),
+                self.request_duration.labels(kind),
+                self.bytes_served.labels("upstream" if result == "miss" else "cache"),
+            )
+        counter, duration, served = children
+        counter.inc()
+        duration.observe(seconds)
+        if body_bytes is not None:
+            served.inc(body_bytes)
 
     def watch_cache(self, usage: Callable[[], CacheUsage | None], max_bytes: Callable[[], int | None]) -> None:
         """Report the cache's usage and its cap (e.g. `read_cache_usage(db)`, `Evictor.cap`) at scrape time."""

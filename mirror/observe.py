@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+import threading
 import time
 from datetime import datetime, timezone
+from typing import TextIO
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -63,17 +66,18 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     finally:
         kind = request.get(KIND, "other")
         result = _result(request, response)
-        metrics.requests.labels(kind, request.method, result).inc()
-        metrics.request_duration.labels(kind).observe(time.perf_counter() - started)
-        if (response is not None and request.method == "GET" and response.status < 300
-                and kind in ("manifest", "blob") and result in SERVED):
-            metrics.bytes_served.labels("upstream" if result == "miss" else "cache").inc(response.content_length or 0)
+        served = (response is not None and request.method == "GET" and response.status < 300
+                  and kind in ("manifest", "blob") and result in SERVED)
+        metrics.count_request(kind, request.method, result, time.perf_counter() - started,
+                              (response.content_length or 0) if served and response is not None else None)
 
 
 class AccessLogger(AbstractAccessLogger):
     """`remote method path status bytes duration result`, one line per request."""
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        if not self.logger.isEnabledFor(logging.INFO):
+            return
         fields = {
             "remote": request.remote,
             "method": request.method,
@@ -113,8 +117,72 @@ class JsonFormatter(logging.Formatter):
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+class PlainFormatter(logging.Formatter):
+    """PLAIN_FORMAT lines; the date and time are formatted once per second, not once per line."""
+
+    def __init__(self) -> None:
+        super().__init__(PLAIN_FORMAT)
+        self._second = -1
+        self._text = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._second, self._text = second, time.strftime(self.default_time_format, self.converter(second))
+        return self.default_msec_format % (self._text, record.msecs)
+
+
+class BatchingHandler(logging.Handler):
+    """Writes lines to a stream in batches: at most `delay` seconds late, warnings and worse at once.
+
+    One write per access-log line cost a quarter of the time of a cached
+    manifest request; batching them is what nginx's `access_log ... buffer=` does.
+    """
+
+    def __init__(self, stream: TextIO, delay: float = 0.2, max_lines: int = 256) -> None:
+        super().__init__()
+        self.stream = stream
+        self.max_lines = max_lines
+        self._lines: list[str] = []
+        self._stopped = threading.Event()
+        self._delay = delay
+        threading.Thread(target=self._flush_regularly, name="log-flush", daemon=True).start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._lines.append(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+            return
+        if record.levelno >= logging.WARNING or len(self._lines) >= self.max_lines:
+            self.flush()
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]  # created by Handler.__init__
+            lines, self._lines = self._lines, []
+            if lines:
+                try:
+                    self.stream.write("".join(lines))
+                    self.stream.flush()
+                except (OSError, ValueError):
+                    pass  # stderr is gone (closed pipe): nowhere left to report it
+
+    def close(self) -> None:
+        self._stopped.set()
+        self.flush()
+        super().close()
+
+    def _flush_regularly(self) -> None:
+        while not self._stopped.wait(self._delay):
+            self.flush()
+
+
 def setup_logging(level: str, log_format: str = "plain") -> None:
     """Configure the root logger: `plain` text lines or `json` objects, one per line, on stderr."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(PLAIN_FORMAT))
-    logging.basicConfig(level=level.upper(), handlers=[handler])
+    # Our formats use none of the caller, thread or process fields: not collecting them
+    # is the logging HOWTO's "Optimization" advice, and halves the cost of an access line.
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    handler = BatchingHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else PlainFormatter())
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)

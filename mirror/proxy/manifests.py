@@ -7,6 +7,7 @@ stale copy is served instead of an error.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -57,8 +58,14 @@ def _answer(m: CachedManifest, result: str) -> Answer:
 
 def accepts(accept_headers: Iterable[str], media_type: str) -> bool:
     """Whether a client's Accept headers admit `media_type` (no header admits anything)."""
-    types = {t.split(";")[0].strip() for h in accept_headers for t in h.split(",") if t.strip()}
+    types = _accepted(tuple(accept_headers))
     return not types or "*/*" in types or media_type in types
+
+
+@functools.lru_cache(maxsize=256)
+def _accepted(accept_headers: tuple[str, ...]) -> frozenset[str]:
+    """The media types named by Accept headers; clients send the same few headers over and over."""
+    return frozenset(t.split(";")[0].strip() for h in accept_headers for t in h.split(",") if t.strip())
 
 
 class ManifestService:

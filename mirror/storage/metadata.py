@@ -152,12 +152,13 @@ class Metadata:
             self._db = None
 
     # -- tags ---------------------------------------------------------------
-    @_serialized
     async def get_tag(self, upstream: str, repo: str, tag: str) -> TagRow | None:
+        row = self._tags.get((upstream, repo, tag))
+        return row if row is not None else await self._read_tag(upstream, repo, tag)
+
+    @_serialized
+    async def _read_tag(self, upstream: str, repo: str, tag: str) -> TagRow | None:
         key = (upstream, repo, tag)
-        row = self._tags.get(key)
-        if row is not None:
-            return row
         async with self.db.execute(
             "SELECT digest, media_type, fetched_at, expires_at FROM tags WHERE upstream=? AND repo=? AND tag=?",
             key,
