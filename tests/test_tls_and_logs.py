@@ -1,6 +1,7 @@
 """HTTPS with server.tls_cert/tls_key, JSON logs with server.log_format, and their validation at load."""
 from __future__ import annotations
 
+import io
 import json
 import logging
 import signal
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mirror import config as configuration
-from mirror.observe import JsonFormatter
+from mirror.observe import BatchingHandler, JsonFormatter, PlainFormatter
 from tests.fakes.certs import self_signed
 from tests.integration.registry import free_port
 
@@ -147,6 +148,41 @@ def load_server(tmp_path: Path, body: str, env: dict[str, str] | None = None) ->
     path = tmp_path / "m.toml"
     path.write_text(f"[server]\n{body}")
     return configuration.load(str(path), env=env or {}).server
+
+
+def test_log_lines_are_batched_but_warnings_are_written_at_once() -> None:
+    stream = io.StringIO()
+    handler = BatchingHandler(stream, delay=3600)  # no timed flush during the test
+    handler.setFormatter(PlainFormatter())
+    log = logging.getLogger("test.batching")
+    log.addHandler(handler)
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    try:
+        log.info("first %s", "line")
+        assert stream.getvalue() == ""  # waiting for more lines
+        log.warning("something is off")
+        lines = stream.getvalue().splitlines()
+        assert [line.split(" ", 2)[2] for line in lines] == [
+            "INFO test.batching: first line", "WARNING test.batching: something is off"]
+        log.info("last")
+    finally:
+        log.removeHandler(handler)
+        handler.close()  # as at exit: nothing is lost
+    assert stream.getvalue().endswith("INFO test.batching: last\n")
+
+
+def test_batched_lines_are_written_within_the_delay() -> None:
+    stream = io.StringIO()
+    handler = BatchingHandler(stream, delay=0.05)
+    try:
+        handler.handle(logging.makeLogRecord({"msg": "soon", "levelno": logging.INFO}))
+        deadline = time.monotonic() + 5
+        while "soon" not in stream.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stream.getvalue() == "soon\n"
+    finally:
+        handler.close()
 
 
 def test_tls_settings_load(tmp_path: Path) -> None:
