@@ -2,20 +2,25 @@
 
 `/v2/` challenges clients with `Bearer realm="<mirror>/token"`, as Docker Hub
 does. A client that brings credentials to `/token` has them checked at the
-upstream's realm; the opaque token it gets back stands for those credentials,
-so the mirror can act upstream on that client's behalf (pulls count against its
-own quota, its private repositories work). Tokens live in memory only: after a
-restart clients are challenged again and log in again, transparently.
+upstream's realm; the token it gets back stands for those credentials, so the
+mirror can act upstream on that client's behalf (pulls count against its own
+quota, its private repositories work).
+
+A token carries its grant, encrypted and authenticated (Fernet) with a key that
+lives only in memory: every worker process can read the tokens any of them
+issued, a client cannot read or forge one, and after a restart clients are
+challenged and log in again, transparently.
 """
 from __future__ import annotations
 
-import secrets
+import json
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable
 
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
+from cryptography.fernet import Fernet, InvalidToken
 
 from mirror.errors import RegistryError
 from mirror.upstream.auth import Credentials
@@ -35,18 +40,19 @@ class Grant:
 
 
 class TokenService:
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time, key: bytes | None = None) -> None:
         self._clock = clock
-        self._tokens: TTLCache[str, Grant] = TTLCache(200_000, TOKEN_TTL, timer=clock)
-        self._refresh: TTLCache[str, Grant] = TTLCache(100_000, REFRESH_TTL, timer=clock)
+        self._fernet = Fernet(key or Fernet.generate_key())
+        # Decrypting costs more than the rest of a cached manifest request: each token once.
+        self._known: LRUCache[str, tuple[Grant, float]] = LRUCache(100_000)
         self._logins: TTLCache[tuple[str, str], bool] = TTLCache(100_000, LOGIN_TTL, timer=clock)
 
     def resolve(self, token: str) -> Grant | None:
-        """The grant behind a token this mirror issued and that has not expired."""
-        return self._tokens.get(token)
+        """The grant behind an access token this mirror issued and that has not expired."""
+        return self._open(token, "access", TOKEN_TTL)
 
     def refresh(self, refresh_token: str) -> Grant | None:
-        return self._refresh.get(refresh_token)
+        return self._open(refresh_token, "refresh", REFRESH_TTL)
 
     async def login(self, upstream: Upstream, creds: Credentials, repos: list[str]) -> None:
         """Check credentials at the upstream (remembered for a few minutes); raise 401 if refused."""
@@ -64,19 +70,39 @@ class TokenService:
 
     def issue(self, grant: Grant, offline: bool = False) -> dict[str, object]:
         """A token response in the shape Docker's and containerd's clients expect."""
-        token = secrets.token_urlsafe(32)
-        self._tokens[token] = grant
+        now = self._clock()
+        token = self._seal(grant, "access", now)
         body: dict[str, object] = {
             "token": token,
             "access_token": token,
             "expires_in": TOKEN_TTL,
-            "issued_at": datetime.fromtimestamp(self._clock(), timezone.utc).isoformat(),
+            "issued_at": datetime.fromtimestamp(now, timezone.utc).isoformat(),
         }
         if offline and grant.credentials is not None:
-            refresh = secrets.token_urlsafe(32)
-            self._refresh[refresh] = grant
-            body["refresh_token"] = refresh
+            body["refresh_token"] = self._seal(grant, "refresh", now)
         return body
+
+    def _seal(self, grant: Grant, use: str, now: float) -> str:
+        creds = grant.credentials
+        payload = {"use": use, "user": creds.username, "secret": creds.password} if creds else {"use": use}
+        return self._fernet.encrypt_at_time(json.dumps(payload).encode(), int(now)).decode()
+
+    def _open(self, token: str, use: str, ttl: int) -> Grant | None:
+        now = self._clock()
+        known = self._known.get(token)
+        if known is not None:
+            return known[0] if now < known[1] else None
+        try:
+            sealed_at = self._fernet.extract_timestamp(token)
+            payload = json.loads(self._fernet.decrypt_at_time(token, ttl, int(now)))
+        except (InvalidToken, ValueError, TypeError):
+            return None
+        if not isinstance(payload, dict) or payload.get("use") != use:
+            return None
+        user, secret = payload.get("user"), payload.get("secret")
+        grant = Grant(Credentials(user, secret) if isinstance(user, str) and isinstance(secret, str) else None)
+        self._known[token] = (grant, sealed_at + ttl)
+        return grant
 
 
 def challenge(realm_base: str, ns: str | None, repo: str | None) -> str:
