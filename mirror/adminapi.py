@@ -13,14 +13,15 @@ from aiohttp import web
 
 from mirror.cache.admin import AdminError, CacheAdmin
 from mirror.config import parse_duration
-from mirror.errors import RegistryError
+from mirror.errors import NeedsPrimary, RegistryError
+from mirror.requestinfo import client_address
 
 ADMIN = web.AppKey("admin", CacheAdmin)
 ADMIN_TOKEN = web.AppKey("admin_token", str)
 
 
 def _authorize(request: web.Request) -> None:
-    remote = request.remote or ""
+    remote = client_address(request) or ""
     try:
         if ipaddress.ip_address(remote).is_loopback:
             return
@@ -76,3 +77,12 @@ def setup(app: web.Application, admin: CacheAdmin, token: str) -> None:
     app.router.add_get("/admin/stats", lambda r: _run(r, "stats"))
     for op in ("pin", "unpin", "purge", "gc"):
         app.router.add_post(f"/admin/{op}", lambda r, op=op: _run(r, op))
+
+
+def setup_forwarding(app: web.Application) -> None:
+    """In a secondary worker, every admin request goes to the primary, which runs eviction and fetches."""
+
+    async def to_primary(request: web.Request) -> web.StreamResponse:
+        raise NeedsPrimary()
+
+    app.router.add_route("*", "/admin/{op:.*}", to_primary)

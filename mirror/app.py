@@ -30,28 +30,38 @@ from mirror.storage.reconcile import reconcile
 from mirror.upstream.auth import TokenCache
 from mirror.upstream.client import Upstream
 from mirror.upstream.ratelimit import RateLimits
+from mirror.workers.forward import PrimaryLink, forward_middleware
+from mirror.workers.role import WorkerRole
 
 log = logging.getLogger("mirror")
 
 ACCESS_FLUSH_SECONDS = 5.0
 
 
-def make_app(config: Config, clock: Callable[[], float] = time.time) -> web.Application:
+def make_app(config: Config, clock: Callable[[], float] = time.time, role: WorkerRole | None = None) -> web.Application:
+    """The whole mirror in one process (`role` None), or one worker of several.
+
+    A secondary worker (role index > 0) serves what the cache holds and hands the
+    rest to the primary; the primary is a whole mirror, minus the data directory
+    lock its supervisor holds for the group.
+    """
     data_dir = Path(config.server.data_dir)
-    metrics = Metrics()
+    secondary = role is not None and not role.primary
+    metrics = Metrics(role.metrics_dir if role else None)
     store = ContentStore(data_dir)
     metadata = Metadata(data_dir / "index.db")
     upstream_tokens = TokenCache(clock)
     limits = RateLimits(metrics, clock)
-    upstreams = {name: Upstream(cfg, upstream_tokens, limits, metrics) for name, cfg in config.upstreams.items()}
-    inflight = Inflight(store, metrics, on_disk_full=lambda: evictor.wake())
+    upstreams = {name: Upstream(cfg, upstream_tokens, limits, metrics, local_only=secondary)
+                 for name, cfg in config.upstreams.items()}
+    inflight = Inflight(store, metrics, on_disk_full=lambda: evictor.wake(), local_only=secondary)
     access = AccessPolicy(metadata, clock)
     services = routes.Services(
         router=Router(upstreams, config.server.default_upstream),
         manifests=ManifestService(store, metadata, access, metrics, clock),
         blobs=BlobService(store, metadata, inflight, access, clock),
         tags=TagListService(clock),
-        tokens=TokenService(clock),
+        tokens=TokenService(clock, role.token_key if role else None),
         metrics=metrics,
         public_url=config.server.public_url,
     )
@@ -60,24 +70,35 @@ def make_app(config: Config, clock: Callable[[], float] = time.time) -> web.Appl
     cap = lambda: cap_bytes(config.cache.max_size, data_dir)  # noqa: E731 (a share of the disk is read anew)
     evictor = Evictor(store, metadata, metrics, cap, services.manifests.forget)
     metrics.watch_cache(lambda: read_cache_usage(metadata.path), cap)
-    admin = CacheAdmin(store, metadata, services.router, evictor, cap, clock, services.hits, inflight.temp_files,
+    admin = CacheAdmin(store, metadata, services.router, evictor, cap, clock, inflight.temp_files,
                        lambda: hit_ratio(metrics))
-    app = web.Application(middlewares=[metrics_middleware, error_middleware, routes.challenge_middleware])
+    link = PrimaryLink(role.primary_socket, role.index) if secondary and role else None
+    middlewares = [metrics_middleware, error_middleware, routes.challenge_middleware]
+    if link is not None:
+        middlewares.insert(1, forward_middleware(link))
+    app = web.Application(middlewares=middlewares)
     app[METRICS] = metrics
     app[routes.SERVICES] = services
     routes.setup(app)
-    adminapi.setup(app, admin, config.server.admin_token)
+    if secondary:
+        adminapi.setup_forwarding(app)  # maintenance is the primary's: it runs eviction and fetches
+    else:
+        adminapi.setup(app, admin, config.server.admin_token)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         data_dir.mkdir(parents=True, exist_ok=True)
-        lock.acquire()
-        store.prepare()
+        if role is None:
+            lock.acquire()  # a group's supervisor holds it for all its workers
+        if not secondary:  # the one writer: empties tmp/ and reconciles what a crash left
+            store.prepare()
         await metadata.open()
-        dropped, adopted = await reconcile(store, metadata)
-        loop = asyncio.get_running_loop()
-        background = [loop.create_task(_flush_access(metadata)), loop.create_task(evictor.run())]
+        background = [asyncio.get_running_loop().create_task(_flush_access(metadata))]
+        if not secondary:
+            await reconcile(store, metadata)
+            background.append(asyncio.get_running_loop().create_task(evictor.run()))
         services.ready = True
-        log.info("mirror ready: data in %s (%.1f MiB cached, cap %.1f MiB), upstreams %s", data_dir.resolve(),
+        log.info("mirror %sready: data in %s (%.1f MiB cached, cap %.1f MiB), upstreams %s",
+                 f"worker {role.index} " if role else "", data_dir.resolve(),
                  metadata.size / 2**20, evictor.cap() / 2**20, ", ".join(upstreams))
         yield
         services.ready = False
@@ -87,8 +108,11 @@ def make_app(config: Config, clock: Callable[[], float] = time.time) -> web.Appl
         await inflight.close()
         for upstream in upstreams.values():
             await upstream.close()
+        if link is not None:
+            await link.close()
         await metadata.close()
-        lock.release()
+        if role is None:
+            lock.release()
 
     async def stop_being_ready(app: web.Application) -> None:
         services.ready = False
@@ -101,8 +125,8 @@ def make_app(config: Config, clock: Callable[[], float] = time.time) -> web.Appl
 def hit_ratio(metrics: Metrics) -> float | None:
     """Share of manifest and blob requests answered from the cache since start."""
     counts: dict[str, float] = {}
-    for family in metrics.requests.collect():
-        for sample in family.samples:
+    for family in metrics.exposition().collect():
+        for sample in family.samples if family.name == "mirror_requests" else ():
             if sample.name.endswith("_total") and sample.labels["kind"] in ("manifest", "blob"):
                 counts[sample.labels["result"]] = counts.get(sample.labels["result"], 0) + sample.value
     total = sum(counts.values())

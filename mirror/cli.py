@@ -14,6 +14,7 @@ from mirror.observe import AccessLogger, setup_logging
 from mirror.app import make_app
 from mirror.storage.lock import DataDirBusy
 from mirror.storage.metadata import SchemaTooNew
+from mirror.workers import supervisor
 
 EXIT_CONFIG = 2
 
@@ -124,6 +125,15 @@ def _serve(path: str | None, listen: str | None, data_dir: str | None) -> int:
     host, port = cfg.host_port
     tls = configuration.ssl_context(cfg.server)
     scheme = "https" if tls else "http"
+    if cfg.server.workers > 1:
+        try:
+            return supervisor.serve(cfg, tls, host, port)
+        except DataDirBusy as exc:
+            print(f"mirror: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        except OSError as exc:
+            print(f"mirror: cannot start: {exc}", file=sys.stderr)
+            return 1
     app = make_app(cfg)
     try:
         web.run_app(

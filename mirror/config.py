@@ -61,6 +61,7 @@ class ServerConfig:
     tls_key: str = ""
     public_url: str = ""
     admin_token: str = ""  # lets /admin/ answer callers that are not on loopback
+    workers: int = 1  # processes sharing the port; "auto" in the file or environment: one per CPU, up to 8
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,22 @@ def parse_size(value: str) -> tuple[int | None, float | None]:
     power = "BKMGT".index(unit[0])
     base = 1024 if "I" in unit else 1000
     return int(float(m.group(1)) * base**power), None
+
+
+MAX_WORKERS = 64
+AUTO_WORKERS_MAX = 8  # secondaries serve hits; beyond this the primary's share of the work dominates
+
+
+def parse_workers(value: object) -> int:
+    """`"auto"` (one per CPU this process may use, at most AUTO_WORKERS_MAX) or a count from 1 to MAX_WORKERS."""
+    if value == "auto":
+        return max(1, min(len(os.sched_getaffinity(0)), AUTO_WORKERS_MAX))
+    count = value if isinstance(value, int) and not isinstance(value, bool) else None
+    if isinstance(value, str) and value.strip().isdigit():
+        count = int(value)
+    if count is None or not 1 <= count <= MAX_WORKERS:
+        raise ValueError(f'expected "auto" or a number of processes from 1 to {MAX_WORKERS}, got {value!r}')
+    return count
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -224,6 +241,8 @@ def _convert(key: str, value: Any) -> Any:
         raise ValueError(f"expected one of {', '.join(_LOG_LEVELS)}, got {value!r}")
     if key == "log_format" and value not in _LOG_FORMATS:
         raise ValueError(f"expected one of {', '.join(_LOG_FORMATS)}, got {value!r}")
+    if key == "workers":
+        return parse_workers(value)
     if key in ("tls_cert", "tls_key") and value != "":
         _check_readable(value)
     if key == "public_url" and value != "":

@@ -32,6 +32,14 @@ class RegistryError(Exception):
         self.headers = headers or {}
 
 
+class NeedsPrimary(Exception):
+    """Raised in a secondary worker by whatever would reach an upstream or write content.
+
+    Secondaries serve what the cache holds; everything else is handed, whole, to
+    the primary worker, so fetches, their coalescing and eviction live in one process.
+    """
+
+
 def name_invalid(name: str, why: str) -> RegistryError:
     return RegistryError("NAME_INVALID", 400, f"invalid repository name {name!r}: {why}")
 
@@ -79,6 +87,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except RegistryError as err:
         request[RESULT] = request.get(RESULT, "error")
         return error_response(err)
+    except NeedsPrimary:
+        raise
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

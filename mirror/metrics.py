@@ -9,11 +9,13 @@ being the invisible first sample of a new series.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -32,7 +34,17 @@ class CacheUsage(NamedTuple):
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """The mirror's metrics; with `multiprocess_dir`, one worker's share of a group's.
+
+    Worker processes of a group write their values to files in that directory
+    (prometheus_client's multiprocess mode) and any of them answers a scrape
+    with the sums over all of them.
+    """
+
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
+        self.multiprocess_dir = multiprocess_dir
+        if multiprocess_dir:
+            _use_multiprocess_values(multiprocess_dir)
         self.registry = r = CollectorRegistry()
         self.requests = Counter(
             "mirror_requests", "Client requests by kind and cache result",
@@ -52,10 +64,10 @@ class Metrics:
             ["upstream"], registry=r)
         self.upstream_ratelimit_remaining = Gauge(
             "mirror_upstream_ratelimit_remaining", "Pulls left in the upstream's rate-limit window (ratelimit-remaining)",
-            ["upstream", "source"], registry=r)
+            ["upstream", "source"], registry=r, multiprocess_mode="livemostrecent")
         self.upstream_ratelimit_limit = Gauge(
             "mirror_upstream_ratelimit_limit", "Pulls allowed per upstream rate-limit window (ratelimit-limit)",
-            ["upstream", "source"], registry=r)
+            ["upstream", "source"], registry=r, multiprocess_mode="livemostrecent")
         self.stale_served = Counter(
             "mirror_stale_served", "Stale tags served because the upstream could not be asked",
             ["upstream", "reason"], registry=r)
@@ -63,7 +75,8 @@ class Metrics:
             "mirror_tag_revalidations", "Upstream revalidations of expired tags",
             ["result"], registry=r)
         self.inflight_fetches = Gauge(
-            "mirror_inflight_fetches", "Blob fetches from upstream in progress", registry=r)
+            "mirror_inflight_fetches", "Blob fetches from upstream in progress", registry=r,
+            multiprocess_mode="livesum")
         self.digest_mismatches = Counter(
             "mirror_digest_mismatches", "Upstream content that did not match its digest (discarded)",
             ["upstream"], registry=r)
@@ -107,6 +120,15 @@ class Metrics:
         if body_bytes is not None:
             served.inc(body_bytes)
 
+    def exposition(self) -> CollectorRegistry:
+        """What a scrape reads: this registry, or the sums over a group's workers plus the cache."""
+        if not self.multiprocess_dir:
+            return self.registry
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, self.multiprocess_dir)
+        registry.register(self.cache)
+        return registry
+
     def watch_cache(self, usage: Callable[[], CacheUsage | None], max_bytes: Callable[[], int | None]) -> None:
         """Report the cache's usage and its cap (e.g. `read_cache_usage(db)`, `Evictor.cap`) at scrape time."""
         self.cache.usage = usage
@@ -148,6 +170,16 @@ class CacheCollector(Collector):
 
 
 T = TypeVar("T")
+
+
+def _use_multiprocess_values(directory: str) -> None:
+    """Make metrics created from now on in this process keep their values in `directory`.
+
+    prometheus_client picks its value class from PROMETHEUS_MULTIPROC_DIR when it is
+    imported; a forked worker sets both before it creates any metric.
+    """
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    values.ValueClass = values.get_value_class()
 
 
 def _ask(source: Callable[[], T | None] | None) -> T | None:

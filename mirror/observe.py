@@ -20,7 +20,7 @@ from aiohttp.web import BaseRequest, StreamResponse
 
 from mirror.errors import Handler
 from mirror.metrics import Metrics
-from mirror.requestinfo import KIND, RESULT
+from mirror.requestinfo import FORWARDED, KIND, RESULT, client_address, handed_by
 
 METRICS = web.AppKey("metrics", Metrics)
 SERVED = ("hit", "miss", "coalesced", "stale")  # results whose body reached the client
@@ -51,7 +51,6 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     """
     if not request.path.startswith("/v2"):
         return await handler(request)
-    metrics = request.app[METRICS]
     started = time.perf_counter()
     response: StreamResponse | None = None
     try:
@@ -64,22 +63,32 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
                 pass  # the client went away mid-answer: nothing to log but the access line
         return response
     finally:
-        kind = request.get(KIND, "other")
-        result = _result(request, response)
-        served = (response is not None and request.method == "GET" and response.status < 300
-                  and kind in ("manifest", "blob") and result in SERVED)
-        metrics.count_request(kind, request.method, result, time.perf_counter() - started,
-                              (response.content_length or 0) if served and response is not None else None)
+        if not request.get(FORWARDED):  # else the primary worker, which answered it, counts it
+            _count(request, response, time.perf_counter() - started)
+
+
+def _count(request: web.Request, response: StreamResponse | None, seconds: float) -> None:
+    kind = request.get(KIND, "other")
+    result = _result(request, response)
+    served = (response is not None and request.method == "GET" and response.status < 300
+              and kind in ("manifest", "blob") and result in SERVED)
+    request.app[METRICS].count_request(kind, request.method, result, seconds,
+                                       (response.content_length or 0) if served and response is not None else None)
 
 
 class AccessLogger(AbstractAccessLogger):
-    """`remote method path status bytes duration result`, one line per request."""
+    """`remote method path status bytes duration result`, one line per request.
+
+    In a group of workers, `worker N` follows, and `from M` when secondary M handed it over.
+    """
+
+    worker: int | None = None  # set on the subclass a worker process of a group uses
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
-        if not self.logger.isEnabledFor(logging.INFO):
-            return
-        fields = {
-            "remote": request.remote,
+        if not self.logger.isEnabledFor(logging.INFO) or request.get(FORWARDED):
+            return  # the primary worker, which answered it, logs a forwarded request
+        fields: dict[str, object] = {
+            "remote": client_address(request),
             "method": request.method,
             "path": request.path_qs[:300],
             "status": response.status,
@@ -87,11 +96,22 @@ class AccessLogger(AbstractAccessLogger):
             "duration": round(time, 6),
             "result": _result(request, response) if request.path.startswith("/v2") else "-",
         }
-        self.logger.info(
-            "%s %s %s %d %d %.3fs %s",
-            fields["remote"], fields["method"], fields["path"], fields["status"],
-            fields["bytes"], time, fields["result"], extra={"access": fields},
-        )
+        line = "%s %s %s %d %d %.3fs %s"
+        args = [fields["remote"], fields["method"], fields["path"], fields["status"], fields["bytes"], time,
+                fields["result"]]
+        if self.worker is not None:
+            fields["worker"] = self.worker
+            line += " worker %d"
+            args.append(self.worker)
+            if (secondary := handed_by(request)) is not None:
+                fields["from_worker"] = secondary
+                line += " from %d"
+                args.append(secondary)
+        self.logger.info(line, *args, extra={"access": fields})
+
+    @classmethod
+    def for_worker(cls, index: int) -> type[AccessLogger]:
+        return type(f"{cls.__name__}Worker{index}", (cls,), {"worker": index})
 
 
 class JsonFormatter(logging.Formatter):

@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
@@ -19,7 +18,7 @@ from mirror.upstream.auth import Credentials
 from mirror.upstream.client import Upstream
 from mirror.reference import parse_digest, parse_reference
 from mirror.routing import Router
-from mirror.requestinfo import KIND, RESULT
+from mirror.requestinfo import KIND, RESULT, client_scheme
 
 READ_METHODS = ("GET", "HEAD")
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
@@ -35,7 +34,6 @@ class Services:
     metrics: Metrics
     public_url: str = ""
     ready: bool = False
-    hits: Counter[tuple[str, str]] = field(default_factory=Counter)  # (upstream, repo) → cache hits
 
 
 SERVICES = web.AppKey("services", Services)
@@ -101,7 +99,7 @@ async def blob(request: web.Request) -> web.StreamResponse:
 
 def _count_hit(request: web.Request, upstream: Upstream, repo: str) -> None:
     if request.get(RESULT) in ("hit", "coalesced"):
-        _services(request).hits[(upstream.name, repo)] += 1
+        _services(request).manifests.metadata.count_hit(upstream.name, repo)
 
 
 async def tags(request: web.Request) -> web.Response:
@@ -175,7 +173,7 @@ async def challenge_middleware(request: web.Request, handler: Handler) -> web.St
     except RegistryError as err:
         if err.status == 401 and "WWW-Authenticate" not in err.headers:
             svc = _services(request)
-            base_url = svc.public_url or f"{request.scheme}://{request.host}"
+            base_url = svc.public_url or f"{client_scheme(request)}://{request.host}"
             name = request.match_info.get("name")
             err.headers["WWW-Authenticate"] = challenge(base_url.rstrip("/"), request.query.get("ns"), name)
         raise
@@ -203,7 +201,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-    body = encoder(_services(request).metrics.registry)
+    body = encoder(_services(request).metrics.exposition())
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from mirror.cache.eviction import Evictor, pinned_digests, plan_images
@@ -67,7 +66,6 @@ class CacheAdmin:
     evictor: Evictor
     cap: Callable[[], int]
     clock: Callable[[], float] = time.time
-    hits: Counter[tuple[str, str]] = field(default_factory=Counter)  # (upstream, repo) → hits since start
     busy_tmp: Callable[[], set[str]] = set  # temp files of fetches in progress (kept by gc)
     hit_ratio: Callable[[], float | None] = lambda: None  # of requests since start (a running server)
 
@@ -82,6 +80,7 @@ class CacheAdmin:
         return row.digest
 
     async def stats(self, top: int = 10) -> dict[str, object]:
+        await self.metadata.flush_access()  # this process's latest hits count too
         by_kind = await self.metadata.usage_by_kind()
         oldest = await self.metadata.oldest_access()
         return {
@@ -94,7 +93,7 @@ class CacheAdmin:
             "pins": [f"{u}/{r}" + (f"@{ref}" if ":" in ref else f":{ref}") for u, r, ref in await self.metadata.pins()],
             "top_by_size": [{"repository": f"{u}/{r}", "bytes": b}
                             for u, r, b in await self.metadata.repositories_by_size(top)],
-            "top_by_hits": [{"repository": f"{u}/{r}", "hits": n} for (u, r), n in self.hits.most_common(top)],
+            "top_by_hits": [{"repository": f"{u}/{r}", "hits": n} for u, r, n in await self.metadata.top_hits(top)],
         }
 
     async def pin(self, text: str) -> dict[str, object]:

@@ -68,10 +68,13 @@ class AccessPolicy:
         self._decisions[key] = decision
         await self._metadata.put_access(*key, allowed, decision.at, message)
 
-    async def _known(self, key: tuple[str, str, str]) -> Decision | None:
+    async def _known(self, key: tuple[str, str, str], ttl: Callable[[Decision], float]) -> Decision | None:
+        """The last decision; one remembered but expired is read again, as another worker
+        process may have asked upstream since."""
         known = self._decisions.get(key)
-        if known is None and (row := await self._metadata.get_access(*key)) is not None:
-            known = self._decisions[key] = Decision(*row)
+        if known is None or self._clock() - known.at >= ttl(known):
+            if (row := await self._metadata.get_access(*key)) is not None:
+                known = self._decisions[key] = Decision(*row)
         return known
 
     async def learn(self, upstream: Upstream, repo: str, principal: Principal, error: UpstreamError | None) -> None:
@@ -101,9 +104,9 @@ class AccessPolicy:
         if principal.client is None and upstream.config.share_with_anonymous:
             return
         key = (upstream.name, repo, principal.name)
-        known = await self._known(key)
-        now = self._clock()
-        if known is not None and now - known.at < (upstream.config.access_ttl if known.allowed else DENIAL_TTL):
+        ttl = lambda d: upstream.config.access_ttl if d.allowed else DENIAL_TTL  # noqa: E731
+        known = await self._known(key, ttl)
+        if known is not None and self._clock() - known.at < ttl(known):
             if known.allowed:
                 return
             raise denied(upstream, repo, principal, known.message)

@@ -17,6 +17,7 @@ from typing import Any, AsyncIterator, Awaitable, BinaryIO, Callable, Hashable, 
 
 import aiohttp
 
+from mirror.errors import NeedsPrimary
 from mirror.metrics import Metrics
 from mirror.storage.blobs import BlobWriter, ContentStore, DigestMismatch
 from mirror.upstream.auth import Credentials
@@ -180,8 +181,12 @@ OnStored = Callable[[Fetch], Awaitable[None]]
 class Inflight:
     """The process-wide table of running fetches, keyed by digest."""
 
-    def __init__(self, store: ContentStore, metrics: Metrics, on_disk_full: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self, store: ContentStore, metrics: Metrics, on_disk_full: Callable[[], None] = lambda: None,
+        local_only: bool = False,
+    ) -> None:
         self._store = store
+        self._local_only = local_only  # in a secondary worker: fetches happen in the primary
         self._metrics = metrics
         self._on_disk_full = on_disk_full
         self._fetches: dict[str, Fetch] = {}
@@ -200,6 +205,8 @@ class Inflight:
         self, upstream: Upstream, repo: str, digest: str, creds: Credentials | None, on_stored: OnStored
     ) -> Fetch:
         """Start the fetch for `digest` as `creds` (the caller checked none is running) and join it."""
+        if self._local_only:
+            raise NeedsPrimary()
         fetch = Fetch(digest, upstream.name, repo).join()
         self._fetches[digest] = fetch
         task = asyncio.get_running_loop().create_task(self._run(fetch, upstream, creds, on_stored))

@@ -177,7 +177,7 @@ class ManifestService:
 
     # -- by tag --------------------------------------------------------------------
     async def _by_tag(self, upstream: Upstream, repo: str, tag: str, principal: Principal) -> Answer:
-        row = await self.metadata.get_tag(upstream.name, repo, tag)
+        row = await self.metadata.get_tag(upstream.name, repo, tag, self.clock())
         cached = await self._load(row.digest) if row else None
         if row and cached and self.clock() < row.expires_at:
             await self._allow(upstream, repo, principal, cached.digest)

@@ -9,6 +9,7 @@ import asyncio
 import functools
 import logging
 import sqlite3
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
@@ -62,6 +63,12 @@ CREATE TABLE IF NOT EXISTS pins (
     ref TEXT NOT NULL,
     PRIMARY KEY (upstream, repo, ref)
 );
+CREATE TABLE IF NOT EXISTS hits (
+    upstream TEXT NOT NULL,
+    repo TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (upstream, repo)
+);
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 """
 
@@ -108,6 +115,7 @@ class Metadata:
         self._tags: LRUCache[tuple[str, str, str], TagRow] = LRUCache(cache_entries)
         self._links: LRUCache[tuple[str, str, str], bool] = LRUCache(cache_entries)
         self._access: dict[str, float] = {}
+        self._hits: Counter[tuple[str, str]] = Counter()
         self._lock = asyncio.Lock()
         self.size = 0  # bytes of content with a row, kept current as rows come and go
 
@@ -152,9 +160,13 @@ class Metadata:
             self._db = None
 
     # -- tags ---------------------------------------------------------------
-    async def get_tag(self, upstream: str, repo: str, tag: str) -> TagRow | None:
+    async def get_tag(self, upstream: str, repo: str, tag: str, now: float | None = None) -> TagRow | None:
+        """The tag's row; one remembered but expired at `now` is read again, as another
+        worker process may have revalidated it since."""
         row = self._tags.get((upstream, repo, tag))
-        return row if row is not None else await self._read_tag(upstream, repo, tag)
+        if row is not None and (now is None or now < row.expires_at):
+            return row
+        return await self._read_tag(upstream, repo, tag)
 
     @_serialized
     async def _read_tag(self, upstream: str, repo: str, tag: str) -> TagRow | None:
@@ -253,16 +265,32 @@ class Metadata:
         """Record an access in memory; `flush_access` writes them in one batch."""
         self._access[digest] = now
 
+    def count_hit(self, upstream: str, repo: str) -> None:
+        """Count a cache hit in memory; `flush_access` adds the counts up in the database."""
+        self._hits[(upstream, repo)] += 1
+
     @_serialized
     async def flush_access(self) -> None:
-        if not self._access or self._db is None:
+        """Write pending access times and hit counts (every worker process adds its own)."""
+        if not (self._access or self._hits) or self._db is None:
             return
         batch, self._access = self._access, {}
+        hits, self._hits = self._hits, Counter()
         await self.db.executemany(
             "UPDATE content SET last_access=max(last_access, ?) WHERE digest=?",
             [(t, d) for d, t in batch.items()],
         )
+        await self.db.executemany(
+            "INSERT INTO hits VALUES (?, ?, ?) ON CONFLICT (upstream, repo) DO UPDATE SET count=count+excluded.count",
+            [(u, r, n) for (u, r), n in hits.items()],
+        )
         await self.db.commit()
+
+    @_serialized
+    async def top_hits(self, limit: int) -> list[tuple[str, str, int]]:
+        """(upstream, repo, hits) of the most hit repositories, since each was first served."""
+        async with self.db.execute("SELECT upstream, repo, count FROM hits ORDER BY count DESC LIMIT ?", (limit,)) as cur:
+            return [(str(u), str(r), int(n)) for u, r, n in await cur.fetchall()]
 
     # -- size, eviction and pins ------------------------------------------------
     @_serialized
@@ -329,8 +357,8 @@ class Metadata:
 
     @_serialized
     async def forget_repository(self, upstream: str, repo: str) -> None:
-        """Drop a repository's tags, links and access decisions (its content is dropped separately)."""
-        for table in ("tags", "links", "access"):
+        """Drop a repository's tags, links, access decisions and hit count (its content is dropped separately)."""
+        for table in ("tags", "links", "access", "hits"):
             await self.db.execute(f"DELETE FROM {table} WHERE upstream=? AND repo=?", (upstream, repo))
         await self.db.commit()
         self._tags.clear()

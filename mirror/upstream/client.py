@@ -17,7 +17,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 import aiohttp
 
 from mirror.config import UpstreamConfig
-from mirror.errors import RegistryError
+from mirror.errors import NeedsPrimary, RegistryError
 from mirror.metrics import Metrics
 from mirror.upstream.auth import Challenge, Credentials, TokenCache, fingerprint, parse_challenge
 from mirror.upstream.ratelimit import RateLimits
@@ -109,8 +109,12 @@ def _origin(url: str) -> tuple[str, str | None, int | None]:
 
 
 class Upstream:
-    def __init__(self, config: UpstreamConfig, tokens: TokenCache, limits: RateLimits, metrics: Metrics) -> None:
+    def __init__(
+        self, config: UpstreamConfig, tokens: TokenCache, limits: RateLimits, metrics: Metrics,
+        local_only: bool = False,
+    ) -> None:
         self.config = config
+        self.local_only = local_only  # in a secondary worker: upstream requests go to the primary
         self.name = config.name
         self.url = config.url
         self.service_account = (
@@ -152,6 +156,8 @@ class Upstream:
 
     # -- requests ---------------------------------------------------------------
     async def _send(self, method: str, url: str, kind: str, headers: Mapping[str, str]) -> aiohttp.ClientResponse:
+        if self.local_only:
+            raise NeedsPrimary()
         try:
             resp = await self.session.request(method, url, headers=headers, allow_redirects=False)
         except (asyncio.TimeoutError, aiohttp.ClientError) as exc:

@@ -1,6 +1,7 @@
 """The mirror as users run it: `python -m mirror serve` in a subprocess with a TOML config."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -21,9 +22,10 @@ class MirrorProcess:
 
     def __init__(
         self, workdir: Path, upstream_url: str, tag_ttl: str = "10m", read_timeout: str = "5s",
-        extra: str = "",
+        extra: str = "", workers: int | str | None = None,
     ) -> None:
-        """`extra` is appended to the TOML file (more upstreams, settings of docker.io)."""
+        """`extra` is appended to the TOML file (more upstreams, settings of docker.io);
+        `workers` sets server.workers (None: the mirror's default)."""
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.data_dir = workdir / "data"
@@ -37,7 +39,8 @@ class MirrorProcess:
             f'listen = "{self.host}"\n'
             f'data_dir = "{self.data_dir}"\n'
             'shutdown_timeout = "5s"\n'
-            '[upstreams."docker.io"]\n'
+            + (f'workers = "{workers}"\n' if workers is not None else "")
+            + '[upstreams."docker.io"]\n'
             f'url = "{upstream_url}"\n'
             f'tag_ttl = "{tag_ttl}"\n'
             'connect_timeout = "2s"\n'
@@ -51,15 +54,35 @@ class MirrorProcess:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "mirror", "serve", "--config", str(self.config)],
                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                start_new_session=True,  # its own process group: the supervisor and its workers
             )
         wait_ready(self._process, lambda: http_status(f"{self.url}/readyz") == 200, "mirror", timeout, self.log_tail)
 
+    @property
+    def pid(self) -> int:
+        assert self._process is not None, "not started"
+        return self._process.pid
+
+    def workers(self) -> list[int]:
+        """Pids of the worker processes (none when the mirror runs as a single process)."""
+        try:
+            return [int(p) for p in Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()]
+        except FileNotFoundError:
+            return []
+
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        """Signal the mirror (its supervisor, if it has workers) and wait until every process of it is gone."""
         process, self._process = self._process, None
-        return stop(process, sig)
+        status = stop(process, sig)
+        if process is not None:
+            _wait_group_gone(process.pid)
+        return status
 
     def kill(self) -> None:
-        """kill -9: no chance to clean up, as in a crash."""
+        """kill -9 of every process of the mirror at once: no chance to clean up, as in a crash."""
+        if self._process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._process.pid, signal.SIGKILL)
         self.stop(signal.SIGKILL)
 
     def log_tail(self, lines: int = 40) -> str:
@@ -80,3 +103,16 @@ class MirrorProcess:
                 if sample.name == name and sample.labels == labels:
                     return float(sample.value)
         return 0.0
+
+
+def _wait_group_gone(pgid: int, timeout: float = 20.0) -> None:
+    """Wait for the processes of group `pgid` to exit; kill -9 those left after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)

@@ -99,6 +99,25 @@ async def test_access_times_are_batched(metadata: Metadata) -> None:
     await metadata.flush_access()  # nothing pending: no-op
 
 
+async def test_hit_counts_from_several_processes_add_up(metadata: Metadata, tmp_path: Path) -> None:
+    other = Metadata(metadata.path)  # another worker process's connection to the same database
+    await other.open()
+    try:
+        for _ in range(3):
+            metadata.count_hit("docker.io", "library/app")
+        metadata.count_hit("ghcr.io", "org/tool")
+        other.count_hit("docker.io", "library/app")
+        assert await metadata.top_hits(10) == []  # counted in memory until the flush
+        await metadata.flush_access()
+        await other.flush_access()
+        assert await metadata.top_hits(10) == [("docker.io", "library/app", 4), ("ghcr.io", "org/tool", 1)]
+        assert await metadata.top_hits(1) == [("docker.io", "library/app", 4)]
+        await metadata.forget_repository("docker.io", "library/app")
+        assert await other.top_hits(10) == [("ghcr.io", "org/tool", 1)]
+    finally:
+        await other.close()
+
+
 async def test_close_flushes_pending_access_times(tmp_path: Path) -> None:
     md = Metadata(tmp_path / "index.db")
     await md.open()

@@ -1,0 +1,107 @@
+"""A secondary worker hands what it cannot serve from the cache to the primary, over a unix socket.
+
+The request goes over whole (method, path, headers, body) with the client's
+address and scheme added; the primary's answer streams back unchanged, status,
+headers and body, so the client cannot tell which worker it reached. The
+primary logs and counts the request; the secondary does neither.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiohttp
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+from yarl import URL
+
+from mirror.errors import Handler, NeedsPrimary, RegistryError, error_response
+from mirror.requestinfo import CLIENT_ADDRESS, CLIENT_SCHEME, FORWARDED, HANDED_BY
+
+log = logging.getLogger("mirror.workers")
+
+# Headers about one connection, not the message (RFC 9110 §7.6.1), and those aiohttp writes itself.
+_HOP_BY_HOP = frozenset(h.lower() for h in (
+    "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
+    "Transfer-Encoding", "Upgrade", "Content-Length", "Date", "Server",
+))
+_CHUNK = 1 << 20
+CONNECT_TIMEOUT = 10.0
+
+
+class PrimaryLink:
+    """The secondary's keep-alive connections to the primary's unix socket."""
+
+    def __init__(self, socket_path: str, worker: int) -> None:
+        self.socket_path = socket_path
+        self.worker = worker
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(self.socket_path, limit=0),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT),
+                auto_decompress=False,
+                read_bufsize=_CHUNK,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def forward(self, request: web.Request) -> web.StreamResponse:
+        """Send `request` to the primary and stream its answer to the client."""
+        request[FORWARDED] = True
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        headers[CLIENT_ADDRESS] = request.remote or ""
+        headers[CLIENT_SCHEME] = request.scheme
+        headers[HANDED_BY] = str(self.worker)
+        body = await request.read() if request.can_read_body else None
+        try:
+            answer = await self.session.request(
+                request.method, URL(f"http://primary{request.raw_path}", encoded=True), headers=headers, data=body,
+                allow_redirects=False,
+            )
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            log.warning("cannot reach the primary worker at %s: %s", self.socket_path, exc)
+            return error_response(RegistryError(
+                "UNAVAILABLE", 503, "the mirror's primary worker is not answering (restarting?); retry shortly",
+                headers={"Retry-After": "1"}))
+        async with answer:
+            response = web.StreamResponse(status=answer.status, reason=answer.reason)
+            for name, value in answer.headers.items():
+                if name.lower() not in _HOP_BY_HOP:
+                    response.headers.add(name, value)
+            if answer.content_length is not None:
+                response.content_length = answer.content_length
+            await response.prepare(request)
+            try:
+                async for chunk in answer.content.iter_chunked(_CHUNK):
+                    await response.write(chunk)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                # Cut the client off rather than end a short body as if it were whole.
+                log.warning("the primary worker stopped answering %s mid-body: %s", request.path, exc)
+                if request.transport is not None:
+                    request.transport.close()
+                return response
+            await response.write_eof()
+            return response
+
+
+def forward_middleware(link: PrimaryLink) -> Middleware:
+    """Serve locally what the cache holds; hand the request to the primary at the first NeedsPrimary."""
+
+    @web.middleware
+    async def forward(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except NeedsPrimary:
+            return await link.forward(request)
+
+    return forward

@@ -1,0 +1,147 @@
+"""`server.workers = 2`: a supervisor and two worker processes sharing the port, against the real registry.
+
+Connections spread over the workers by the kernel (SO_REUSEPORT), so each test
+uses many connections and checks that both workers answered.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import os
+import re
+import signal
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from tests.integration.images import push_image
+from tests.integration.mirror_process import MirrorProcess
+from tests.integration.registry import UpstreamRegistry
+
+pytestmark = pytest.mark.integration
+
+MANIFEST_ACCEPT = "application/vnd.docker.distribution.manifest.v2+json"
+
+
+@pytest.fixture
+def group(mirror_factory: Callable[..., MirrorProcess]) -> MirrorProcess:
+    mirror = mirror_factory(workers=2)
+    assert len(mirror.workers()) == 2
+    return mirror
+
+
+def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One request on its own connection (so the kernel may pick either worker)."""
+    request = urllib.request.Request(url, headers={"Connection": "close", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+def many(count: int, fn: Callable[[int], tuple[int, dict[str, str], bytes]]) -> list[tuple[int, dict[str, str], bytes]]:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=count) as pool:
+        return list(pool.map(fn, range(count)))
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting to be reaped does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def served_by(mirror: MirrorProcess, path_part: str) -> set[int]:
+    """The workers that received requests for `path_part` from clients (answered or handed over)."""
+    time.sleep(0.5)  # access-log lines are written in batches, within 0.2 s
+    return {int(m.group(2) or m.group(1)) for line in mirror.log.read_text().splitlines()
+            if "mirror.access" in line and path_part in line
+            and (m := re.search(r" worker (\d+)(?: from (\d+))?$", line))}
+
+
+def test_one_upstream_fetch_for_concurrent_cold_gets_over_both_workers(
+    group: MirrorProcess, upstream: UpstreamRegistry, repo: str
+) -> None:
+    image = push_image(upstream, repo, "v1", layers=1, big_layer=True)
+    big = max(image.blobs, key=lambda b: b.size)
+    results = many(20, lambda _: get(f"{group.url}/v2/{repo}/blobs/{big.digest}"))
+    assert all(status == 200 for status, _, _ in results)
+    assert all(f"sha256:{hashlib.sha256(body).hexdigest()}" == big.digest for _, _, body in results)
+    assert upstream.count("GET", f"/blobs/{big.digest}", status=200) == 1
+    assert served_by(group, big.digest) == {0, 1}
+    group.wait_idle()
+    results = many(10, lambda _: get(f"{group.url}/v2/{repo}/blobs/{big.digest}"))  # now hits, on both
+    assert {headers["X-Mirror-Cache"] for _, headers, _ in results} == {"hit"}
+
+
+def test_a_token_issued_by_one_worker_is_honoured_by_the_other(
+    group: MirrorProcess, upstream: UpstreamRegistry, repo: str
+) -> None:
+    image = push_image(upstream, repo, "v1", layers=1)
+    status, _, body = get(f"{group.url}/token?scope=repository:{repo}:pull&service=mirror")
+    assert status == 200
+    token = json.loads(body)["token"]
+    auth = {"Authorization": f"Bearer {token}", "Accept": MANIFEST_ACCEPT}
+    results = many(20, lambda _: get(f"{group.url}/v2/{repo}/manifests/v1", auth))
+    assert [status for status, _, _ in results] == [200] * 20
+    assert {headers["Docker-Content-Digest"] for _, headers, _ in results} == {image.digest}
+    assert served_by(group, f"/v2/{repo}/manifests/v1") == {0, 1}
+    forged = {"Authorization": f"Bearer {token[:-4]}AAAA", "Accept": MANIFEST_ACCEPT}
+    assert {status for status, _, _ in many(6, lambda _: get(f"{group.url}/v2/{repo}/manifests/v1", forged))} == {401}
+
+
+def test_metrics_add_up_over_the_workers(group: MirrorProcess, upstream: UpstreamRegistry, repo: str) -> None:
+    push_image(upstream, repo, "v1", layers=1)
+    results = many(24, lambda _: get(f"{group.url}/v2/{repo}/manifests/v1", {"Accept": MANIFEST_ACCEPT}))
+    assert all(status == 200 for status, _, _ in results)
+    assert served_by(group, f"/v2/{repo}/manifests/v1") == {0, 1}
+    counted = [sum(group.metric("mirror_requests_total", kind="manifest", method="GET", result=result)
+                   for result in ("hit", "miss", "coalesced")) for _ in range(6)]  # scrapes land on both workers
+    assert counted == [24] * 6
+
+
+def test_a_worker_that_dies_is_replaced_and_hits_go_on_meanwhile(
+    group: MirrorProcess, upstream: UpstreamRegistry, repo: str
+) -> None:
+    push_image(upstream, repo, "v1", layers=1)
+    url = f"{group.url}/v2/{repo}/manifests/v1"
+    assert get(url, {"Accept": MANIFEST_ACCEPT})[0] == 200
+    primary, secondary = group.workers()
+    os.kill(primary, signal.SIGKILL)  # misses wait for its replacement; cached tags are still served
+    answered = [status for status, _, _ in many(10, lambda _: get(url, {"Accept": MANIFEST_ACCEPT}))]
+    assert answered.count(200) >= 1 and set(answered) <= {200, 503}
+    deadline = time.monotonic() + 20
+    while (len(group.workers()) < 2 or primary in group.workers()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(group.workers()) == 2 and primary not in group.workers() and secondary in group.workers()
+    time.sleep(0.5)
+    assert "restarting it" in group.log.read_text()
+    assert {status for status, _, _ in many(10, lambda _: get(url, {"Accept": MANIFEST_ACCEPT}))} == {200}
+
+
+def test_sigterm_stops_every_worker_and_frees_the_data_directory(
+    group: MirrorProcess, mirror_factory: Callable[..., MirrorProcess], tmp_path: Path
+) -> None:
+    workers = group.workers()
+    assert group.stop() == 0
+    assert not any(alive(pid) for pid in workers)
+    log = group.log.read_text()
+    assert "stopping 2 workers (SIGTERM)" in log and "Traceback" not in log
+    group.start()  # the same data directory: the lock was released
+    assert len(group.workers()) == 2
+
+
+def test_workers_do_not_outlive_a_killed_supervisor(group: MirrorProcess) -> None:
+    workers = group.workers()
+    os.kill(group.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in workers)
