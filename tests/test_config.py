@@ -1,6 +1,7 @@
 """Configuration: defaults < TOML file < MIRROR_* env < CLI flags; errors name file, key and reason."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,9 @@ def test_cli_overrides_beat_env(tmp_path: Path) -> None:
     ("[server]\ndata_dir = 5\n", "server.data_dir", "expected a string"),
     ("[server]\nlog_level = 'loud'\n", "server.log_level", "expected one of"),
     ("[server]\nshutdown_timeout = '5 minutes'\n", "server.shutdown_timeout", "expected a duration"),
+    ("[server]\nworkers = 0\n", "server.workers", 'expected "auto" or a number of processes from 1 to 64'),
+    ("[server]\nworkers = 'many'\n", "server.workers", "got 'many'"),
+    ("[server]\nworkers = true\n", "server.workers", "got True"),
     ("[cache]\nmax_size = 'lots'\n", "cache.max_size", "expected a size"),
     ("[cache]\nmax_size = '120%'\n", "cache.max_size", "percentage"),
     ("[upstreams.'ghcr.io']\nurl = 'https://ghcr.io'\ntag_ttl = '10 mins'\n", "upstreams.ghcr.io.tag_ttl", "duration"),
@@ -115,6 +119,13 @@ def test_errors_name_the_file_the_key_and_the_reason(tmp_path: Path, text: str, 
     assert err.key == key
     assert reason in err.reason
     assert key in str(err) and reason in str(err)
+
+
+def test_workers_auto_is_one_per_usable_cpu_up_to_eight(tmp_path: Path) -> None:
+    cpus = len(os.sched_getaffinity(0))
+    assert load(_file(tmp_path, '[server]\nworkers = "auto"\n'), env={}).server.workers == min(cpus, 8)
+    assert load(_file(tmp_path, "[server]\nworkers = 3\n"), env={}).server.workers == 3
+    assert load(_file(tmp_path, "[server]\n"), env={"MIRROR_SERVER_WORKERS": "2"}).server.workers == 2
 
 
 def test_invalid_toml(tmp_path: Path) -> None:

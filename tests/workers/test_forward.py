@@ -1,0 +1,119 @@
+"""A primary and a secondary worker in one test process: what the secondary serves, hands over, and trusts."""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from prometheus_client import values
+
+from mirror.app import make_app
+from mirror.errors import Handler
+from mirror.workers.role import WorkerRole
+from tests.conftest import mirror_config
+from tests.fakes.registry import FakeRegistry
+
+ACCEPT = {"Accept": "application/vnd.docker.distribution.manifest.v2+json"}
+
+
+@pytest.fixture
+def multiprocess_values(tmp_path: Path) -> Iterator[str]:
+    """Workers keep metric values in files; undo that for the tests that follow."""
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    saved = values.ValueClass
+    yield str(directory)
+    values.ValueClass = saved
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+
+
+@dataclass
+class Group:
+    secondary: TestClient
+    primary_requests: list[str]  # paths the primary answered
+    socket: str
+
+
+@pytest.fixture
+async def group(fake_registry: FakeRegistry, tmp_path: Path, multiprocess_values: str,
+                aiohttp_client) -> AsyncIterator[Group]:  # type: ignore[no-untyped-def]
+    assert fake_registry.url
+    config = mirror_config(fake_registry.url, tmp_path / "data")
+    key = b"0" * 43 + b"="
+    socket = str(tmp_path / "primary.sock")
+    primary = make_app(config, role=WorkerRole(0, key, socket, multiprocess_values))
+    seen: list[str] = []
+
+    @web.middleware
+    async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
+        seen.append(request.path)
+        return await handler(request)
+
+    primary.middlewares.insert(0, record)
+    runner = web.AppRunner(primary)
+    await runner.setup()
+    await web.UnixSite(runner, socket).start()
+    secondary = await aiohttp_client(make_app(config, role=WorkerRole(1, key, socket, multiprocess_values)))
+    yield Group(secondary, seen, socket)
+    await runner.cleanup()
+
+
+async def test_misses_go_to_the_primary_and_hits_are_served_locally(group: Group, fake_registry: FakeRegistry) -> None:
+    image = fake_registry.add_image("library/app", "v1", 2)
+    path = "/v2/library/app/manifests/v1"
+    first = await group.secondary.get(path, headers=ACCEPT)
+    assert first.status == 200 and first.headers["X-Mirror-Cache"] == "miss"
+    assert await first.read() == image.body
+    assert group.primary_requests == [path]
+    second = await group.secondary.get(path, headers=ACCEPT)
+    assert second.status == 200 and second.headers["X-Mirror-Cache"] == "hit"
+    assert await second.read() == image.body
+    assert group.primary_requests == [path]  # served by the secondary itself
+    assert fake_registry.count("GET", "manifest") == 1
+
+
+async def test_blob_head_and_ranges_come_back_unchanged(group: Group, fake_registry: FakeRegistry) -> None:
+    fake_registry.add_image("library/app", "v1", [b"x" * 5000])
+    manifest = json.loads(await (await group.secondary.get("/v2/library/app/manifests/v1", headers=ACCEPT)).read())
+    layer = manifest["layers"][0]["digest"]
+    head = await group.secondary.head(f"/v2/library/app/blobs/{layer}")
+    assert head.status == 200 and head.headers["Content-Length"] == "5000" and await head.read() == b""
+    ranged = await group.secondary.get(f"/v2/library/app/blobs/{layer}", headers={"Range": "bytes=10-19"})
+    assert ranged.status == 206 and ranged.headers["Content-Range"] == "bytes 10-19/5000"
+    assert await ranged.read() == b"x" * 10
+    missing = await group.secondary.get(f"/v2/library/app/blobs/sha256:{'0' * 64}")
+    assert missing.status == 404 and (await missing.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
+
+
+async def test_a_secondary_without_its_primary_answers_503_with_an_oci_error(
+    fake_registry: FakeRegistry, tmp_path: Path, multiprocess_values: str, aiohttp_client  # type: ignore[no-untyped-def]
+) -> None:
+    assert fake_registry.url
+    fake_registry.add_image("library/app", "v1", 1)
+    role = WorkerRole(1, b"0" * 43 + b"=", str(tmp_path / "nobody.sock"), multiprocess_values)
+    secondary = await aiohttp_client(make_app(mirror_config(fake_registry.url, tmp_path / "data"), role=role))
+    resp = await secondary.get("/v2/library/app/manifests/v1", headers=ACCEPT)
+    assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+    assert (await resp.json())["errors"][0]["code"] == "UNAVAILABLE"
+    assert fake_registry.count("GET", "manifest") == 0  # a secondary never calls upstream itself
+    admin = await secondary.get("/admin/stats")
+    assert admin.status == 503  # maintenance is the primary's, too
+
+
+async def test_client_facts_are_trusted_only_from_the_unix_socket(group: Group, fake_registry: FakeRegistry) -> None:
+    spoofed = {"X-Mirror-Client-Scheme": "https", "X-Mirror-Client-Address": "10.1.2.3"}
+    via_tcp = await group.secondary.get("/v2/", headers=spoofed)  # a client cannot claim them
+    assert via_tcp.status == 401 and 'realm="http://' in via_tcp.headers["WWW-Authenticate"]
+    admin = await group.secondary.get("/admin/stats", headers=spoofed)
+    assert admin.status == 200  # the secondary's own view of the client (loopback) went over
+    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(group.socket)) as sibling:
+        async with sibling.get("http://mirror.test/v2/", headers=spoofed) as resp:
+            assert resp.status == 401 and 'realm="https://mirror.test/token"' in resp.headers["WWW-Authenticate"]
+        async with sibling.get("http://mirror.test/admin/stats", headers=spoofed) as resp:
+            assert resp.status == 403  # 10.1.2.3 is not loopback, and no admin token is set
