@@ -5,6 +5,7 @@ the reason, instead of surfacing as a strange failure on the first pull.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import ssl
@@ -61,7 +62,7 @@ class ServerConfig:
     tls_key: str = ""
     public_url: str = ""
     admin_token: str = ""  # lets /admin/ answer callers that are not on loopback
-    workers: int = 1  # processes sharing the port; "auto" in the file or environment: one per CPU, up to 8
+    workers: int = field(default_factory=lambda: parse_workers("auto"))  # processes sharing the port
 
 
 @dataclass(frozen=True)
@@ -123,10 +124,22 @@ MAX_WORKERS = 64
 AUTO_WORKERS_MAX = 8  # secondaries serve hits; beyond this the primary's share of the work dominates
 
 
+def usable_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPUs this process may use: its affinity, lowered by a cgroup v2 CPU quota (a container's limit)."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota to honour
+    return cpus
+
+
 def parse_workers(value: object) -> int:
-    """`"auto"` (one per CPU this process may use, at most AUTO_WORKERS_MAX) or a count from 1 to MAX_WORKERS."""
+    """`"auto"` (one per usable CPU, at most AUTO_WORKERS_MAX) or a count from 1 to MAX_WORKERS."""
     if value == "auto":
-        return max(1, min(len(os.sched_getaffinity(0)), AUTO_WORKERS_MAX))
+        return min(usable_cpus(), AUTO_WORKERS_MAX)
     count = value if isinstance(value, int) and not isinstance(value, bool) else None
     if isinstance(value, str) and value.strip().isdigit():
         count = int(value)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mirror.config import DEFAULT_UPSTREAMS, ConfigError, load, parse_duration, parse_size, split_listen
+from mirror.config import DEFAULT_UPSTREAMS, ConfigError, load, parse_duration, parse_size, split_listen, usable_cpus
 
 
 def _file(tmp_path: Path, text: str) -> str:
@@ -122,10 +122,22 @@ def test_errors_name_the_file_the_key_and_the_reason(tmp_path: Path, text: str, 
 
 
 def test_workers_auto_is_one_per_usable_cpu_up_to_eight(tmp_path: Path) -> None:
-    cpus = len(os.sched_getaffinity(0))
+    cpus = usable_cpus()
+    assert 1 <= cpus <= len(os.sched_getaffinity(0))
     assert load(_file(tmp_path, '[server]\nworkers = "auto"\n'), env={}).server.workers == min(cpus, 8)
+    assert load(None, env={}).server.workers == min(cpus, 8)  # the default
     assert load(_file(tmp_path, "[server]\nworkers = 3\n"), env={}).server.workers == 3
     assert load(_file(tmp_path, "[server]\n"), env={"MIRROR_SERVER_WORKERS": "2"}).server.workers == 2
+
+
+@pytest.mark.parametrize(("cpu_max", "expected"), [
+    ("max 100000\n", None), ("150000 100000\n", 2), ("50000 100000\n", 1), ("garbage", None),
+])
+def test_a_container_cpu_quota_lowers_the_usable_cpus(tmp_path: Path, cpu_max: str, expected: int | None) -> None:
+    (tmp_path / "cpu.max").write_text(cpu_max)
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cpus(tmp_path / "cpu.max") == (affinity if expected is None else min(expected, affinity))
+    assert usable_cpus(tmp_path / "absent") == affinity
 
 
 def test_invalid_toml(tmp_path: Path) -> None:

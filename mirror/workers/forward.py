@@ -13,6 +13,7 @@ import logging
 import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from multidict import CIMultiDict
 from yarl import URL
 
 from mirror.errors import Handler, NeedsPrimary, RegistryError, error_response
@@ -58,7 +59,8 @@ class PrimaryLink:
     async def forward(self, request: web.Request) -> web.StreamResponse:
         """Send `request` to the primary and stream its answer to the client."""
         request[FORWARDED] = True
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        # A multidict: clients repeat headers (Accept), and each line must reach the primary.
+        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP)
         headers[CLIENT_ADDRESS] = request.remote or ""
         headers[CLIENT_SCHEME] = request.scheme
         headers[HANDED_BY] = str(self.worker)

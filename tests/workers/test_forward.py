@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from multidict import MultiDict
 from prometheus_client import values
 
 from mirror.app import make_app
@@ -67,7 +68,9 @@ async def group(fake_registry: FakeRegistry, tmp_path: Path, multiprocess_values
 async def test_misses_go_to_the_primary_and_hits_are_served_locally(group: Group, fake_registry: FakeRegistry) -> None:
     image = fake_registry.add_image("library/app", "v1", 2)
     path = "/v2/library/app/manifests/v1"
-    first = await group.secondary.get(path, headers=ACCEPT)
+    # Accept repeated, as Go clients send it: the primary must see every line
+    accept = MultiDict([*ACCEPT.items(), ("Accept", "application/vnd.oci.image.index.v1+json")])
+    first = await group.secondary.get(path, headers=accept)
     assert first.status == 200 and first.headers["X-Mirror-Cache"] == "miss"
     assert await first.read() == image.body
     assert group.primary_requests == [path]
@@ -117,3 +120,20 @@ async def test_client_facts_are_trusted_only_from_the_unix_socket(group: Group, 
             assert resp.status == 401 and 'realm="https://mirror.test/token"' in resp.headers["WWW-Authenticate"]
         async with sibling.get("http://mirror.test/admin/stats", headers=spoofed) as resp:
             assert resp.status == 403  # 10.1.2.3 is not loopback, and no admin token is set
+
+
+async def test_private_images_through_the_secondary_with_a_token_the_primary_issued(
+    group: Group, fake_registry: FakeRegistry
+) -> None:
+    fake_registry.users = {"alice": "alice-pw"}
+    fake_registry.private = {"library/secret": {"alice"}}
+    image = fake_registry.add_image("library/secret", "v1", 1)
+    login = await group.secondary.get(
+        "/token?scope=repository:library/secret:pull&service=mirror",
+        auth=aiohttp.BasicAuth("alice", "alice-pw"))
+    assert login.status == 200
+    token = (await login.json())["token"]
+    resp = await group.secondary.get("/v2/library/secret/manifests/v1",
+                                     headers={**ACCEPT, "Authorization": f"Bearer {token}"})
+    assert resp.status == 200, await resp.text()
+    assert await resp.read() == image.body
