@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -124,15 +125,42 @@ class Metrics:
         """What a scrape reads: this registry, or the sums over a group's workers plus the cache."""
         if not self.multiprocess_dir:
             return self.registry
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry, self.multiprocess_dir)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_GroupCollector(self.multiprocess_dir, self._described()))
         registry.register(self.cache)
         return registry
+
+    def _described(self) -> dict[str, Metric]:
+        """Our metrics' families without samples: names, types and help texts."""
+        return {family.name: family for metric in vars(self).values() if isinstance(metric, MetricWrapperBase)
+                for family in metric.describe()}
 
     def watch_cache(self, usage: Callable[[], CacheUsage | None], max_bytes: Callable[[], int | None]) -> None:
         """Report the cache's usage and its cap (e.g. `read_cache_usage(db)`, `Evictor.cap`) at scrape time."""
         self.cache.usage = usage
         self.cache.max_bytes = max_bytes
+
+
+class _GroupCollector(Collector):
+    """The sums over a group's workers, as a single process would export them.
+
+    The multiprocess files keep values only: help texts are put back, and metrics
+    no worker has a sample of yet are still described, so the set of names does not
+    depend on what has happened since the start.
+    """
+
+    def __init__(self, directory: str, described: dict[str, Metric]) -> None:
+        self._directory = directory
+        self._described = described
+
+    def collect(self) -> Iterator[Metric]:
+        seen = set()
+        for family in MultiProcessCollector(None, self._directory).collect():
+            if (known := self._described.get(family.name)) is not None:
+                family.documentation = known.documentation
+            seen.add(family.name)
+            yield family
+        yield from (family for name, family in self._described.items() if name not in seen)
 
 
 class CacheCollector(Collector):

@@ -116,7 +116,8 @@ class _Supervisor:
             if status is not None:
                 self._stop_all()
                 return 0 if self.stopping and status < 0 else status
-        logging.getLogger("mirror").info("listening on %s (%d workers)", url, len(self.workers))
+            if worker.role.primary:  # it answers from now on; others' connections wait for them briefly
+                logging.getLogger("mirror").info("listening on %s", url)
         return self._watch()
 
     def _stop(self, signum: int, frame: object) -> None:

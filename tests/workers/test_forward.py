@@ -1,6 +1,7 @@
 """A primary and a secondary worker in one test process: what the secondary serves, hands over, and trusts."""
 from __future__ import annotations
 
+import base64
 import json
 import os
 from collections.abc import AsyncIterator, Iterator
@@ -130,7 +131,7 @@ async def test_private_images_through_the_secondary_with_a_token_the_primary_iss
     image = fake_registry.add_image("library/secret", "v1", 1)
     login = await group.secondary.get(
         "/token?scope=repository:library/secret:pull&service=mirror",
-        auth=aiohttp.BasicAuth("alice", "alice-pw"))
+        headers={"Authorization": "Basic " + base64.b64encode(b"alice:alice-pw").decode()})
     assert login.status == 200
     token = (await login.json())["token"]
     resp = await group.secondary.get("/v2/library/secret/manifests/v1",
