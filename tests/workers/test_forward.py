@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from multidict import MultiDict
-from prometheus_client import values
 
 from mirror.app import make_app
 from mirror.errors import Handler
@@ -22,17 +20,6 @@ from tests.conftest import mirror_config
 from tests.fakes.registry import FakeRegistry
 
 ACCEPT = {"Accept": "application/vnd.docker.distribution.manifest.v2+json"}
-
-
-@pytest.fixture
-def multiprocess_values(tmp_path: Path) -> Iterator[str]:
-    """Workers keep metric values in files; undo that for the tests that follow."""
-    directory = tmp_path / "metrics"
-    directory.mkdir()
-    saved = values.ValueClass
-    yield str(directory)
-    values.ValueClass = saved
-    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
 
 
 @dataclass

@@ -7,7 +7,6 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mirror.metrics import Metrics
-from tests.workers.test_forward import multiprocess_values  # noqa: F401  (fixture)
 
 
 def _count_in_another_process(directory: str, hits: int) -> None:
@@ -26,7 +25,7 @@ def _count_in_another_process(directory: str, hits: int) -> None:
     assert os.waitstatus_to_exitcode(status) == 0
 
 
-def test_a_scrape_sums_the_workers_and_describes_every_metric(multiprocess_values: str) -> None:  # noqa: F811
+def test_a_scrape_sums_the_workers_and_describes_every_metric(multiprocess_values: str) -> None:
     here = Metrics(multiprocess_values)
     here.count_request("manifest", "GET", "hit", 0.001, 100)
     _count_in_another_process(multiprocess_values, hits=4)
