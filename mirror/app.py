@@ -72,7 +72,7 @@ def make_app(config: Config, clock: Callable[[], float] = time.time, role: Worke
     metrics.watch_cache(lambda: read_cache_usage(metadata.path), cap)
     admin = CacheAdmin(store, metadata, services.router, evictor, cap, clock, inflight.temp_files,
                        lambda: hit_ratio(metrics))
-    link = PrimaryLink(role.primary_socket, role.index) if secondary and role else None
+    link = PrimaryLink(role.primary_socket, role.index, store) if secondary and role else None
     middlewares = [metrics_middleware, error_middleware, routes.challenge_middleware]
     if link is not None:
         middlewares.insert(1, forward_middleware(link))

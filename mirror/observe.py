@@ -20,7 +20,7 @@ from aiohttp.web import BaseRequest, StreamResponse
 
 from mirror.errors import Handler
 from mirror.metrics import Metrics
-from mirror.requestinfo import FORWARDED, KIND, RESULT, client_address, handed_by
+from mirror.requestinfo import BODY_LENGTH, FORWARDED, KIND, RESULT, client_address, handed_by
 
 METRICS = web.AppKey("metrics", Metrics)
 SERVED = ("hit", "miss", "coalesced", "stale")  # results whose body reached the client
@@ -73,7 +73,12 @@ def _count(request: web.Request, response: StreamResponse | None, seconds: float
     served = (response is not None and request.method == "GET" and response.status < 300
               and kind in ("manifest", "blob") and result in SERVED)
     request.app[METRICS].count_request(kind, request.method, result, seconds,
-                                       (response.content_length or 0) if served and response is not None else None)
+                                       _content_bytes(response) if served and response is not None else None)
+
+
+def _content_bytes(response: StreamResponse) -> int:
+    """The body's length; for an answer a secondary worker follows, the length it stands for."""
+    return int(response.headers.get(BODY_LENGTH) or response.content_length or 0)
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -92,7 +97,7 @@ class AccessLogger(AbstractAccessLogger):
             "method": request.method,
             "path": request.path_qs[:300],
             "status": response.status,
-            "bytes": response.body_length,
+            "bytes": _content_bytes(response) if BODY_LENGTH in response.headers else response.body_length,
             "duration": round(time, 6),
             "result": _result(request, response) if request.path.startswith("/v2") else "-",
         }

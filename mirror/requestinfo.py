@@ -9,6 +9,7 @@ FORWARDED = web.RequestKey("forwarded", bool)  # handed to the primary worker, w
 CLIENT_ADDRESS = "X-Mirror-Client-Address"
 CLIENT_SCHEME = "X-Mirror-Client-Scheme"
 HANDED_BY = "X-Mirror-Worker"  # the index of the worker that handed it over
+BODY_LENGTH = "X-Mirror-Body-Length"  # what a followed answer stands for (see workers.follow)
 
 
 def from_secondary(request: web.BaseRequest) -> bool:

@@ -22,6 +22,7 @@ from mirror.storage.metadata import Metadata
 from mirror.upstream.auth import Credentials
 from mirror.upstream.client import Upstream, UpstreamError
 from mirror.requestinfo import RESULT
+from mirror.workers import follow
 
 log = logging.getLogger("mirror.blobs")
 
@@ -165,10 +166,14 @@ class BlobService:
             resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{fetch.size}"
         if end is not None:
             resp.content_length = end - start
-        await resp.prepare(request)
-        if head:
-            return resp
         try:
+            if not head and end is not None and fetch.tmp_name and follow.wants_follow(request):
+                await follow.send_progress(request, resp, fetch, start, end)
+                await resp.write_eof()
+                return resp
+            await resp.prepare(request)
+            if head:
+                return resp
             await self._send(request, resp, fetch, start, end)
         except ConnectionError:
             return resp  # the client went away; the fetch goes on without it

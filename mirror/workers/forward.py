@@ -17,6 +17,8 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from mirror.errors import Handler, NeedsPrimary, RegistryError, error_response
+from mirror.storage.blobs import ContentStore
+from mirror.workers import follow
 from mirror.requestinfo import CLIENT_ADDRESS, CLIENT_SCHEME, FORWARDED, HANDED_BY
 
 log = logging.getLogger("mirror.workers")
@@ -33,9 +35,10 @@ CONNECT_TIMEOUT = 10.0
 class PrimaryLink:
     """The secondary's keep-alive connections to the primary's unix socket."""
 
-    def __init__(self, socket_path: str, worker: int) -> None:
+    def __init__(self, socket_path: str, worker: int, store: ContentStore) -> None:
         self.socket_path = socket_path
         self.worker = worker
+        self.store = store  # where a followed blob's temp file is
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -64,6 +67,8 @@ class PrimaryLink:
         headers[CLIENT_ADDRESS] = request.remote or ""
         headers[CLIENT_SCHEME] = request.scheme
         headers[HANDED_BY] = str(self.worker)
+        if request.method == "GET" and "/blobs/" in request.path:
+            headers[follow.FOLLOW] = "1"
         body = await request.read() if request.can_read_body else None
         try:
             answer = await self.session.request(
@@ -80,17 +85,20 @@ class PrimaryLink:
             for name, value in answer.headers.items():
                 if name.lower() not in _HOP_BY_HOP:
                     response.headers.add(name, value)
-            if answer.content_length is not None:
-                response.content_length = answer.content_length
-            await response.prepare(request)
             try:
+                if follow.is_followed(answer):
+                    await follow.relay(request, answer, response, self.store)
+                    return response
+                if answer.content_length is not None:
+                    response.content_length = answer.content_length
+                await response.prepare(request)
                 async for chunk in answer.content.iter_chunked(_CHUNK):
                     await response.write(chunk)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (aiohttp.ClientError, asyncio.TimeoutError, asyncio.IncompleteReadError, OSError) as exc:
                 # Cut the client off rather than end a short body as if it were whole.
                 log.warning("the primary worker stopped answering %s mid-body: %s", request.path, exc)
                 if request.transport is not None:
-                    request.transport.close()
+                    request.transport.abort()
                 return response
             await response.write_eof()
             return response

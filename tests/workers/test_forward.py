@@ -1,8 +1,11 @@
 """A primary and a secondary worker in one test process: what the secondary serves, hands over, and trusts."""
 from __future__ import annotations
 
+import asyncio
 import base64
+import hashlib
 import json
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +18,7 @@ from multidict import MultiDict
 
 from mirror.app import make_app
 from mirror.errors import Handler
+from mirror.workers.follow import TEMP_FILE
 from mirror.workers.role import WorkerRole
 from tests.conftest import mirror_config
 from tests.fakes.registry import FakeRegistry
@@ -27,6 +31,7 @@ class Group:
     secondary: TestClient
     primary_requests: list[str]  # paths the primary answered
     socket: str
+    followed: list[str]  # paths the primary answered with its temp file for the secondary to follow
 
 
 @pytest.fixture
@@ -38,18 +43,22 @@ async def group(fake_registry: FakeRegistry, tmp_path: Path, multiprocess_values
     socket = str(tmp_path / "primary.sock")
     primary = make_app(config, role=WorkerRole(0, key, socket, multiprocess_values))
     seen: list[str] = []
+    followed: list[str] = []
 
     @web.middleware
     async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
         seen.append(request.path)
-        return await handler(request)
+        response = await handler(request)
+        if TEMP_FILE in response.headers:
+            followed.append(request.path)
+        return response
 
     primary.middlewares.insert(0, record)
     runner = web.AppRunner(primary)
     await runner.setup()
     await web.UnixSite(runner, socket).start()
     secondary = await aiohttp_client(make_app(config, role=WorkerRole(1, key, socket, multiprocess_values)))
-    yield Group(secondary, seen, socket)
+    yield Group(secondary, seen, socket, followed)
     await runner.cleanup()
 
 
@@ -125,3 +134,32 @@ async def test_private_images_through_the_secondary_with_a_token_the_primary_iss
                                      headers={**ACCEPT, "Authorization": f"Bearer {token}"})
     assert resp.status == 200, await resp.text()
     assert await resp.read() == image.body
+
+
+async def test_concurrent_blob_misses_follow_the_primarys_temp_file(group: Group, fake_registry: FakeRegistry) -> None:
+    layer = os.urandom(3 << 20)
+    fake_registry.add_image("library/app", "v1", [layer])
+    fake_registry.chunk_delay = 0.01  # still arriving while the secondary's clients read
+    digest = "sha256:" + hashlib.sha256(layer).hexdigest()
+    path = f"/v2/library/app/blobs/{digest}"
+
+    async def fetch(headers: dict[str, str]) -> tuple[int, bytes]:
+        resp = await group.secondary.get(path, headers=headers)
+        return resp.status, await resp.read()
+
+    whole, ranged = await asyncio.gather(
+        asyncio.gather(*(fetch({}) for _ in range(4))), fetch({"Range": "bytes=1000000-1000009"}))
+    assert all(status == 200 and body == layer for status, body in whole)
+    assert ranged == (206, layer[1000000:1000010])
+    assert fake_registry.count("GET", "blob") == 1
+    assert group.followed.count(path) == 5  # no byte of it went through the socket
+
+
+async def test_a_corrupt_blob_reaches_the_secondarys_clients_cut_short(group: Group, fake_registry: FakeRegistry) -> None:
+    layer = os.urandom(1 << 20)
+    fake_registry.add_image("library/app", "v1", [layer])
+    fake_registry.corrupt_blobs = True
+    resp = await group.secondary.get(f"/v2/library/app/blobs/sha256:{hashlib.sha256(layer).hexdigest()}")
+    assert resp.status == 200  # headers go out before the last byte could be checked ...
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()  # ... and the body never completes
