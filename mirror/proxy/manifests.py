@@ -104,7 +104,8 @@ class ManifestService:
         now = self.clock()
         known = self._parts.get(digest)
         if known is None or (known[1] is not None and now > known[1]):
-            found, complete = await image_parts(self.metadata, self.store, digest)
+            found, complete = await self._flights.do(("parts", digest),
+                                                     lambda: image_parts(self.metadata, self.store, digest))
             known = self._parts[digest] = (tuple(found), None if complete else now + PARTS_RECHECK)
         for part in known[0]:
             self.metadata.touch(part, now)

@@ -85,6 +85,22 @@ def _serialized(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[
     return run
 
 
+def _coalesced(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Identical reads running at the same time share one query: a burst of requests for one
+    thing at a cold worker would otherwise queue hundreds of them behind the lock."""
+
+    @functools.wraps(method)
+    async def run(self: Metadata, *args: Any) -> T:
+        key = (method.__name__, *args)
+        pending = self._reads.get(key)
+        if pending is None:
+            pending = self._reads[key] = asyncio.ensure_future(method(self, *args))
+            pending.add_done_callback(lambda _done: self._reads.pop(key, None))
+        return await asyncio.shield(pending)
+
+    return run
+
+
 class SchemaTooNew(Exception):
     """The database was written by a newer version of the mirror."""
 
@@ -117,6 +133,7 @@ class Metadata:
         self._access: dict[str, float] = {}
         self._hits: Counter[tuple[str, str]] = Counter()
         self._lock = asyncio.Lock()
+        self._reads: dict[tuple[object, ...], asyncio.Future[Any]] = {}
         self.size = 0  # bytes of content with a row, kept current as rows come and go
 
     @property
@@ -168,6 +185,7 @@ class Metadata:
             return row
         return await self._read_tag(upstream, repo, tag)
 
+    @_coalesced
     @_serialized
     async def _read_tag(self, upstream: str, repo: str, tag: str) -> TagRow | None:
         key = (upstream, repo, tag)
@@ -208,6 +226,7 @@ class Metadata:
             )
         await self.db.commit()
 
+    @_coalesced
     @_serialized
     async def get_content(self, digest: str) -> ContentRow | None:
         async with self.db.execute(
@@ -228,6 +247,7 @@ class Metadata:
         for d in new:
             self._links[(upstream, repo, d)] = True
 
+    @_coalesced
     @_serialized
     async def is_linked(self, upstream: str, repo: str, digest: str) -> bool:
         key = (upstream, repo, digest)
@@ -242,6 +262,7 @@ class Metadata:
         return found
 
     # -- access decisions -------------------------------------------------------
+    @_coalesced
     @_serialized
     async def get_access(self, upstream: str, repo: str, principal: str) -> tuple[bool, float, str] | None:
         """Upstream's last answer to "may `principal` (a fingerprint) read `repo`?"."""

@@ -1,6 +1,7 @@
 """Metadata on a real SQLite file: WAL, tags, links, batched access times, schema versions."""
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -116,6 +117,18 @@ async def test_hit_counts_from_several_processes_add_up(metadata: Metadata, tmp_
         assert await other.top_hits(10) == [("ghcr.io", "org/tool", 1)]
     finally:
         await other.close()
+
+
+async def test_a_burst_of_identical_reads_costs_one_query(metadata: Metadata) -> None:
+    await metadata.add_content(D1, 10, MANIFEST, "manifest", 100.0)
+    queries: list[str] = []
+    await metadata.db.set_trace_callback(queries.append)
+    rows = await asyncio.gather(*(metadata.get_content(D1) for _ in range(20)),
+                                *(metadata.get_access("docker.io", "library/app", "anonymous") for _ in range(20)))
+    assert rows[:20] == [ContentRow(D1, 10, MANIFEST, "manifest")] * 20 and rows[20:] == [None] * 20
+    assert len([q for q in queries if q.startswith("SELECT")]) == 2
+    await metadata.get_content(D1)  # later reads query again: nothing is cached by this
+    assert len([q for q in queries if q.startswith("SELECT")]) == 3
 
 
 async def test_close_flushes_pending_access_times(tmp_path: Path) -> None:
