@@ -37,7 +37,7 @@ from mirror.workers.role import WorkerRole
 log = logging.getLogger("mirror.workers")
 
 EXIT_CONFIG = 2
-READY_TIMEOUT = 120.0  # a primary reconciles the store before it answers
+READY_TIMEOUT = 600.0  # a primary re-verifies files a crash left without metadata before it answers
 RESTART_DELAYS = (0.5, 1, 2, 5, 10, 30)  # seconds, for workers that keep dying young
 STEADY = 60.0  # a worker that lived this long starts over at the shortest delay
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
