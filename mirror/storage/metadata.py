@@ -247,12 +247,13 @@ class Metadata:
         for d in new:
             self._links[(upstream, repo, d)] = True
 
+    async def is_linked(self, upstream: str, repo: str, digest: str) -> bool:
+        return (upstream, repo, digest) in self._links or await self._read_link(upstream, repo, digest)
+
     @_coalesced
     @_serialized
-    async def is_linked(self, upstream: str, repo: str, digest: str) -> bool:
+    async def _read_link(self, upstream: str, repo: str, digest: str) -> bool:
         key = (upstream, repo, digest)
-        if key in self._links:
-            return True
         async with self.db.execute(
             "SELECT 1 FROM links WHERE upstream=? AND repo=? AND digest=?", key
         ) as cur:
