@@ -67,7 +67,8 @@ def _check_config(path: str) -> int:
     if cfg is None:
         return EXIT_CONFIG
     print(f"{path}: OK")
-    print(f"  listen {cfg.server.listen}, data in {cfg.server.data_dir}, default upstream {cfg.server.default_upstream}")
+    print(f"  listen {cfg.server.listen} ({cfg.server.workers} worker{'s' if cfg.server.workers > 1 else ''}), "
+          f"data in {cfg.server.data_dir}, default upstream {cfg.server.default_upstream}")
     for up in cfg.upstreams.values():
         print(f"  upstream {up.name}: {up.url} (tag TTL {up.tag_ttl:g}s)")
     return 0

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -117,3 +119,60 @@ def test_serve_answers_and_stops_on_sigterm(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def _serve(tmp_path: Path, port: int, workers: int, timeout: float = STOP_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    """`mirror serve` that is expected to stop by itself (a start-up failure)."""
+    return subprocess.run(
+        [sys.executable, "-m", "mirror", "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "data")],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "MIRROR_SERVER_WORKERS": str(workers)},
+    )
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_port_in_use_is_refused_not_shared(tmp_path: Path, workers: int) -> None:
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # even a socket that would share
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = _serve(tmp_path, taken.getsockname()[1], workers)
+    assert proc.returncode == 1, proc.stderr
+    assert "cannot start" in proc.stderr and "in use" in proc.stderr
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_database_from_a_newer_mirror_is_refused(tmp_path: Path, workers: int) -> None:
+    (tmp_path / "data").mkdir()
+    db = sqlite3.connect(tmp_path / "data" / "index.db")
+    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    db.execute("INSERT INTO schema_version VALUES (99)")
+    db.commit()
+    db.close()
+    proc = _serve(tmp_path, _free_port(), workers)
+    assert proc.returncode == 2, proc.stderr
+    assert "schema version 99" in proc.stderr
+
+
+def test_a_second_mirror_on_the_same_data_directory_is_refused(tmp_path: Path) -> None:
+    port = _free_port()
+    first = subprocess.Popen(
+        [sys.executable, "-m", "mirror", "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "data")],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "MIRROR_SERVER_WORKERS": "2"},
+    )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                if _get(f"http://127.0.0.1:{port}/readyz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert first.poll() is None and time.monotonic() < deadline, "the first mirror did not start"
+            time.sleep(0.05)
+        proc = _serve(tmp_path, _free_port(), 2)
+        assert proc.returncode == 2, proc.stderr
+        assert "in use by a running mirror" in proc.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=STOP_TIMEOUT)
