@@ -35,7 +35,7 @@ from mirror.workers.role import WorkerRole
 
 log = logging.getLogger("mirror")
 
-ACCESS_FLUSH_SECONDS = 5.0
+FLUSH_SECONDS = 5.0
 
 
 def make_app(config: Config, clock: Callable[[], float] = time.time, role: WorkerRole | None = None) -> web.Application:
@@ -92,7 +92,7 @@ def make_app(config: Config, clock: Callable[[], float] = time.time, role: Worke
         if not secondary:  # the one writer: empties tmp/ and reconciles what a crash left
             store.prepare()
         await metadata.open()
-        background = [asyncio.get_running_loop().create_task(_flush_access(metadata))]
+        background = [asyncio.get_running_loop().create_task(_flush(metadata))]
         if not secondary:
             await reconcile(store, metadata)
             background.append(asyncio.get_running_loop().create_task(evictor.run()))
@@ -134,11 +134,11 @@ def hit_ratio(metrics: Metrics) -> float | None:
     return cached / total if total else None
 
 
-async def _flush_access(metadata: Metadata) -> None:
-    """Write batched access times every few seconds instead of once per request."""
+async def _flush(metadata: Metadata) -> None:
+    """Write what requests kept in memory (access times, hit counts, access decisions) every few seconds."""
     while True:
-        await asyncio.sleep(ACCESS_FLUSH_SECONDS)
+        await asyncio.sleep(FLUSH_SECONDS)
         try:
-            await metadata.flush_access()
+            await metadata.flush()
         except Exception:
-            log.exception("could not write access times")
+            log.exception("could not write access times, hit counts and access decisions")

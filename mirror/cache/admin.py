@@ -80,7 +80,7 @@ class CacheAdmin:
         return row.digest
 
     async def stats(self, top: int = 10) -> dict[str, object]:
-        await self.metadata.flush_access()  # this process's latest hits count too
+        await self.metadata.flush()  # this process's latest hits count too
         by_kind = await self.metadata.usage_by_kind()
         oldest = await self.metadata.oldest_access()
         return {
@@ -116,7 +116,7 @@ class CacheAdmin:
         """
         if sum(x is not None for x in (image, repo, older_than)) != 1:
             raise AdminError("purge takes exactly one of: an image reference, --repo NAME, --older-than DURATION")
-        await self.metadata.flush_access()
+        await self.metadata.flush()
         pinned = await pinned_digests(self.metadata, self.store)
         plan = await asyncio.to_thread(plan_images, await self.metadata.content_usage(), self.store)
         doomed: set[str] = set()

@@ -87,7 +87,7 @@ class Evictor:
         if self.metadata.size <= cap and not force:
             return 0, 0
         target = int(min(cap, self.metadata.size) * LOW_MARK)
-        await self.metadata.flush_access()
+        await self.metadata.flush()
         pinned = await pinned_digests(self.metadata, self.store)
         plan = await asyncio.to_thread(plan_images, await self.metadata.content_usage(), self.store)
         removed = freed = 0

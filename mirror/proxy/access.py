@@ -63,10 +63,10 @@ class AccessPolicy:
         self._clock = clock
         self._decisions: LRUCache[tuple[str, str, str], Decision] = LRUCache(maxsize)
 
-    async def _record(self, key: tuple[str, str, str], allowed: bool, message: str = "") -> None:
+    def _record(self, key: tuple[str, str, str], allowed: bool, message: str = "") -> None:
         decision = Decision(allowed, self._clock(), message)
         self._decisions[key] = decision
-        await self._metadata.put_access(*key, allowed, decision.at, message)
+        self._metadata.record_access(*key, allowed, decision.at, message)
 
     async def _known(self, key: tuple[str, str, str], ttl: Callable[[Decision], float]) -> Decision | None:
         """The last decision; one remembered but expired is read again, as another worker
@@ -85,9 +85,9 @@ class AccessPolicy:
         if error is None:
             known = self._decisions.get(key)
             if not (known and known.allowed and self._clock() - known.at < upstream.config.access_ttl / 2):
-                await self._record(key, True)
+                self._record(key, True)
         elif error.status in (401, 403):
-            await self._record(key, False, error.message)
+            self._record(key, False, error.message)
 
     async def observe(self, upstream: Upstream, repo: str, principal: Principal, work: Awaitable[T]) -> T:
         """Await upstream work done with the principal's credentials, learning its access from the answer."""
@@ -116,10 +116,10 @@ class AccessPolicy:
             if exc.outage and known is not None and known.allowed:
                 return  # upstream cannot answer: its last answer stands
             if exc.status in (401, 403):
-                await self._record(key, False, exc.message)
+                self._record(key, False, exc.message)
                 raise denied(upstream, repo, principal, exc.message) from None
             raise
-        await self._record(key, True)
+        self._record(key, True)
 
 
 def denied(upstream: Upstream, repo: str, principal: Principal, why: str) -> RegistryError:

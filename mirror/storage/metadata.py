@@ -132,6 +132,8 @@ class Metadata:
         self._links: LRUCache[tuple[str, str, str], bool] = LRUCache(cache_entries)
         self._access: dict[str, float] = {}
         self._hits: Counter[tuple[str, str]] = Counter()
+        self._decisions: dict[tuple[str, str, str], tuple[bool, float, str]] = {}
+        self._writing: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._reads: dict[tuple[object, ...], asyncio.Future[Any]] = {}
         self.size = 0  # bytes of content with a row, kept current as rows come and go
@@ -172,7 +174,7 @@ class Metadata:
 
     async def close(self) -> None:
         if self._db is not None:
-            await self.flush_access()
+            await self.flush()
             await self._db.close()
             self._db = None
 
@@ -263,10 +265,15 @@ class Metadata:
         return found
 
     # -- access decisions -------------------------------------------------------
-    @_coalesced
-    @_serialized
     async def get_access(self, upstream: str, repo: str, principal: str) -> tuple[bool, float, str] | None:
         """Upstream's last answer to "may `principal` (a fingerprint) read `repo`?"."""
+        key = (upstream, repo, principal)
+        pending = self._decisions.get(key)
+        return pending if pending is not None else await self._read_access(*key)
+
+    @_coalesced
+    @_serialized
+    async def _read_access(self, upstream: str, repo: str, principal: str) -> tuple[bool, float, str] | None:
         async with self.db.execute(
             "SELECT allowed, decided_at, message FROM access WHERE upstream=? AND repo=? AND principal=?",
             (upstream, repo, principal),
@@ -274,30 +281,37 @@ class Metadata:
             row = await cur.fetchone()
         return (bool(row[0]), row[1], row[2]) if row else None
 
-    @_serialized
-    async def put_access(self, upstream: str, repo: str, principal: str, allowed: bool, at: float, message: str) -> None:
-        await self.db.execute(
-            "INSERT OR REPLACE INTO access VALUES (?, ?, ?, ?, ?, ?)",
-            (upstream, repo, principal, int(allowed), at, message),
-        )
-        await self.db.commit()
+    def record_access(self, upstream: str, repo: str, principal: str, allowed: bool, at: float, message: str) -> None:
+        """Keep a decision and write it at once, in the background: the client that brought it
+        waits for no database write, and other worker processes read it a moment later."""
+        self._decisions[(upstream, repo, principal)] = (allowed, at, message)
+        if self._writing is None or self._writing.done():
+            self._writing = asyncio.get_running_loop().create_task(self._flush_in_background())
 
-    # -- access times ---------------------------------------------------------
+    async def _flush_in_background(self) -> None:
+        try:
+            await self.flush()
+        except (sqlite3.Error, ValueError):
+            log.exception("could not write access decisions")
+
+    # -- access times and hit counts --------------------------------------------
     def touch(self, digest: str, now: float) -> None:
-        """Record an access in memory; `flush_access` writes them in one batch."""
+        """Record an access in memory; `flush` writes them in one batch."""
         self._access[digest] = now
 
     def count_hit(self, upstream: str, repo: str) -> None:
-        """Count a cache hit in memory; `flush_access` adds the counts up in the database."""
+        """Count a cache hit in memory; `flush` adds the counts up in the database."""
         self._hits[(upstream, repo)] += 1
 
     @_serialized
-    async def flush_access(self) -> None:
-        """Write pending access times and hit counts (every worker process adds its own)."""
-        if not (self._access or self._hits) or self._db is None:
+    async def flush(self) -> None:
+        """Write what was kept in memory: access times, hit counts (every worker process adds its
+        own) and access decisions."""
+        if not (self._access or self._hits or self._decisions) or self._db is None:
             return
         batch, self._access = self._access, {}
         hits, self._hits = self._hits, Counter()
+        decisions, self._decisions = self._decisions, {}
         await self.db.executemany(
             "UPDATE content SET last_access=max(last_access, ?) WHERE digest=?",
             [(t, d) for d, t in batch.items()],
@@ -305,6 +319,10 @@ class Metadata:
         await self.db.executemany(
             "INSERT INTO hits VALUES (?, ?, ?) ON CONFLICT (upstream, repo) DO UPDATE SET count=count+excluded.count",
             [(u, r, n) for (u, r), n in hits.items()],
+        )
+        await self.db.executemany(
+            "INSERT OR REPLACE INTO access VALUES (?, ?, ?, ?, ?, ?)",
+            [(u, r, p, int(allowed), at, message) for (u, r, p), (allowed, at, message) in decisions.items()],
         )
         await self.db.commit()
 

@@ -35,7 +35,7 @@ async def pull(mirror: Mirror, repo: str, image: Image) -> None:
         assert resp.status == 200
         await resp.read()
     await mirror.settled()
-    await mirror.services.blobs.metadata.flush_access()
+    await mirror.services.blobs.metadata.flush()
 
 
 def cached(mirror: Mirror, image: Image) -> set[bool]:
@@ -99,7 +99,7 @@ async def test_index_parts_age_together(small_mirror: Mirror, fake_registry: Fak
             await (await small_mirror.client.get(f"/v2/library/multi/blobs/{d}")).read()
     small_mirror.clock.advance(100)
     await small_mirror.client.get("/v2/library/multi/manifests/1", headers=ACCEPT)
-    await small_mirror.services.blobs.metadata.flush_access()
+    await small_mirror.services.blobs.metadata.flush()
     rows = await small_mirror.services.blobs.metadata.content_usage()
     times = {d: at for d, _size, _kind, at in rows}
     parts = [index.digest, amd.digest, arm.digest, amd.layer_digests[0], arm.config_digest]

@@ -94,10 +94,10 @@ async def test_access_times_are_batched(metadata: Metadata) -> None:
     metadata.touch(D2, 50.0)  # older than what is stored: must not go back in time
     assert _read(metadata.path, "SELECT digest, last_access FROM content ORDER BY digest") == [
         (D1, 100.0), (D2, 100.0)]  # nothing written yet
-    await metadata.flush_access()
+    await metadata.flush()
     assert _read(metadata.path, "SELECT digest, last_access FROM content ORDER BY digest") == [
         (D1, 170.0), (D2, 100.0)]
-    await metadata.flush_access()  # nothing pending: no-op
+    await metadata.flush()  # nothing pending: no-op
 
 
 async def test_hit_counts_from_several_processes_add_up(metadata: Metadata, tmp_path: Path) -> None:
@@ -109,8 +109,8 @@ async def test_hit_counts_from_several_processes_add_up(metadata: Metadata, tmp_
         metadata.count_hit("ghcr.io", "org/tool")
         other.count_hit("docker.io", "library/app")
         assert await metadata.top_hits(10) == []  # counted in memory until the flush
-        await metadata.flush_access()
-        await other.flush_access()
+        await metadata.flush()
+        await other.flush()
         assert await metadata.top_hits(10) == [("docker.io", "library/app", 4), ("ghcr.io", "org/tool", 1)]
         assert await metadata.top_hits(1) == [("docker.io", "library/app", 4)]
         await metadata.forget_repository("docker.io", "library/app")

@@ -18,6 +18,7 @@ from multidict import MultiDict
 
 from mirror.app import make_app
 from mirror.errors import Handler
+from mirror.routes import SERVICES
 from mirror.workers.follow import TEMP_FILE
 from mirror.workers.role import WorkerRole
 from tests.conftest import mirror_config
@@ -32,6 +33,11 @@ class Group:
     primary_requests: list[str]  # paths the primary answered
     socket: str
     followed: list[str]  # paths the primary answered with its temp file for the secondary to follow
+    primary: web.Application
+
+    async def settled(self) -> None:
+        """Wait for the primary's background database writes (siblings read what it learnt there)."""
+        await self.primary[SERVICES].manifests.metadata.flush()
 
 
 @pytest.fixture
@@ -58,7 +64,7 @@ async def group(fake_registry: FakeRegistry, tmp_path: Path, multiprocess_values
     await runner.setup()
     await web.UnixSite(runner, socket).start()
     secondary = await aiohttp_client(make_app(config, role=WorkerRole(1, key, socket, multiprocess_values)))
-    yield Group(secondary, seen, socket, followed)
+    yield Group(secondary, seen, socket, followed, primary)
     await runner.cleanup()
 
 
@@ -71,6 +77,7 @@ async def test_misses_go_to_the_primary_and_hits_are_served_locally(group: Group
     assert first.status == 200 and first.headers["X-Mirror-Cache"] == "miss"
     assert await first.read() == image.body
     assert group.primary_requests == [path]
+    await group.settled()
     second = await group.secondary.get(path, headers=ACCEPT)
     assert second.status == 200 and second.headers["X-Mirror-Cache"] == "hit"
     assert await second.read() == image.body
