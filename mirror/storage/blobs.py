@@ -12,6 +12,7 @@ import os
 import secrets
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 from mirror.reference import SHA256_RE
 
@@ -90,6 +91,9 @@ class ContentStore:
         return found
 
 
+_IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers one writev may take
+
+
 class BlobWriter:
     """Writes to `tmp/<random>`, hashing as it goes; `commit` verifies, fsyncs and renames."""
 
@@ -107,21 +111,28 @@ class BlobWriter:
 
     def write(self, data: bytes | memoryview) -> None:
         """Append and hash (blocking: large chunks go through a worker thread)."""
-        self.hash(data)
-        self.append(data)
+        self.hash([data])
+        self.append([data])
 
-    def hash(self, data: bytes | memoryview) -> None:
+    def hash(self, parts: Sequence[bytes | memoryview]) -> None:
         """Feed bytes to the digest check; streams do this beside `append`, in another thread."""
-        self._hash.update(data)
-        self.written += len(data)
+        for part in parts:
+            self._hash.update(part)
+            self.written += len(part)
 
-    def append(self, data: bytes | memoryview) -> None:
-        """Add bytes to the temp file. On an OSError (a full disk) `on_disk` says how far it got."""
-        view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
+    def append(self, parts: Sequence[bytes | memoryview]) -> None:
+        """Add bytes to the temp file, several parts per system call and never copied together.
+
+        On an OSError (a full disk) `on_disk` says how far it got.
+        """
+        pending = [memoryview(p) for p in parts if len(p)]
+        while pending:
+            n = os.writev(self._fd, pending[:_IOV_MAX])
             self.on_disk += n
-            view = view[n:]
+            while pending and n >= len(pending[0]):
+                n -= len(pending.pop(0))
+            if n:
+                pending[0] = pending[0][n:]
 
     def verify(self) -> None:
         """Raise DigestMismatch unless every byte seen hashes to the digest, at the expected size."""
