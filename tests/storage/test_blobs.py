@@ -64,6 +64,18 @@ def test_commit_publishes_verified_bytes(store: ContentStore) -> None:
     assert store.iter_digests() == [DIGEST]
 
 
+def test_batches_of_pieces_are_written_and_hashed_in_order(store: ContentStore) -> None:
+    pieces = [DATA[i:i + 7] for i in range(0, len(DATA), 7)]  # many small pieces: several writev calls
+    batch = [b"", *pieces[:2000], memoryview(b""), *pieces[2000:]]
+    writer = store.writer(DIGEST, len(DATA))
+    writer.hash(batch)
+    writer.append(batch)
+    assert writer.on_disk == writer.written == len(DATA)
+    writer.commit()
+    writer.close()
+    assert store.read(DIGEST) == DATA
+
+
 def test_commit_without_a_known_size_checks_the_digest(store: ContentStore) -> None:
     writer = store.writer(DIGEST)
     writer.write(DATA)
