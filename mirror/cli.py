@@ -10,7 +10,7 @@ from aiohttp import web
 
 from mirror import cachecli, clientconfig
 from mirror import config as configuration
-from mirror.observe import AccessLogger, setup_logging
+from mirror.observe import ACCESS_LOGGER, AccessLogger, setup_logging
 from mirror.app import make_app
 from mirror.storage.lock import DataDirBusy
 from mirror.storage.metadata import SchemaTooNew
@@ -142,7 +142,7 @@ def _serve(path: str | None, listen: str | None, data_dir: str | None) -> int:
             host=host,
             port=port,
             access_log_class=AccessLogger,
-            access_log=logging.getLogger("mirror.access"),
+            access_log=logging.getLogger(ACCESS_LOGGER),
             shutdown_timeout=cfg.server.shutdown_timeout,
             ssl_context=tls,
             print=lambda msg: logging.getLogger("mirror").info("listening on %s://%s:%d", scheme, host, port),

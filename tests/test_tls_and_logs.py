@@ -172,6 +172,18 @@ def test_log_lines_are_batched_but_warnings_are_written_at_once() -> None:
     assert stream.getvalue().endswith("INFO test.batching: last\n")
 
 
+@pytest.mark.parametrize("formatter", [PlainFormatter(), JsonFormatter()], ids=["plain", "json"])
+def test_access_lines_written_directly_match_what_logging_would_write(formatter: logging.Formatter) -> None:
+    fields = {"remote": "10.0.0.1", "method": "GET", "path": "/v2/", "status": 401, "bytes": 12,
+              "duration": 0.001, "result": "denied"}
+    record = logging.makeLogRecord({"name": "mirror.access", "levelno": logging.INFO, "levelname": "INFO",
+                                    "msg": "%s", "args": ("10.0.0.1 GET /v2/ 401 12 0.001s denied",),
+                                    "access": fields})
+    record.created = 1_800_000_000.123456
+    record.msecs = int((record.created - int(record.created)) * 1000) + 0.0
+    assert formatter.access_line(record.created, record.getMessage(), fields) == formatter.format(record)  # type: ignore[attr-defined]
+
+
 def test_batched_lines_are_written_within_the_delay() -> None:
     stream = io.StringIO()
     handler = BatchingHandler(stream, delay=0.05)
