@@ -126,19 +126,11 @@ def _serve(path: str | None, listen: str | None, data_dir: str | None) -> int:
     host, port = cfg.host_port
     tls = configuration.ssl_context(cfg.server)
     scheme = "https" if tls else "http"
-    if cfg.server.workers > 1:
-        try:
-            return supervisor.serve(cfg, tls, host, port)
-        except DataDirBusy as exc:
-            print(f"mirror: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
-        except OSError as exc:
-            print(f"mirror: cannot start: {exc}", file=sys.stderr)
-            return 1
-    app = make_app(cfg)
     try:
+        if cfg.server.workers > 1:
+            return supervisor.serve(cfg, tls, host, port)
         web.run_app(
-            app,
+            make_app(cfg),
             host=host,
             port=port,
             access_log_class=AccessLogger,

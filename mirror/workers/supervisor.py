@@ -242,7 +242,7 @@ def _die_with_parent() -> None:
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     except (OSError, AttributeError):
-        pass  # not Linux: workers then stop when their requests to a gone supervisor fail
+        pass  # not Linux: a worker may then outlive a supervisor killed with -9
     if os.getppid() != parent:  # the supervisor died before the request took effect
         os._exit(1)
 
