@@ -46,39 +46,48 @@ _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 @dataclass
 class _Worker:
     role: WorkerRole
-    sock: socket.socket
+    sockets: list[socket.socket]  # one per listening address
     pid: int = 0
     started: float = 0.0
     failures: int = 0
 
 
-def listen(host: str, port: int, count: int) -> list[socket.socket]:
-    """`count` sockets bound to one address with SO_REUSEPORT.
+def listen(host: str, port: int, count: int) -> list[list[socket.socket]]:
+    """For each of `count` workers, a socket on every address `host` names, with SO_REUSEPORT.
 
     A plain bind first, so a port held by anything else (another mirror included)
-    is refused instead of silently shared.
+    is refused instead of silently shared. IPv6 sockets are IPv6 only, as asyncio
+    makes them for a single process.
     """
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind(address)
-        address = probe.getsockname()  # the port the kernel chose, if asked for any
-    sockets = []
+    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    addresses = list(dict.fromkeys((family, address) for family, _, _, _, address in found))
+    groups: list[list[socket.socket]] = [[] for _ in range(count)]
     try:
-        for _ in range(count):
-            s = socket.socket(family, kind, proto)
-            sockets.append(s)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            s.bind(address)
-            s.listen(1024)
-            s.setblocking(False)
+        for family, address in addresses:
+            with _socket(family) as probe:
+                probe.bind((address[0], port, *address[2:]))
+                port = probe.getsockname()[1]  # the one the kernel chose, if asked for any
+                address = (address[0], port, *address[2:])
+            for group in groups:
+                s = _socket(family)
+                group.append(s)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                s.bind(address)
+                s.listen(1024)
+                s.setblocking(False)
     except OSError:
-        for s in sockets:
+        for s in (s for group in groups for s in group):
             s.close()
         raise
-    return sockets
+    return groups
+
+
+def _socket(family: int) -> socket.socket:
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    return s
 
 
 def serve(config: Config, tls: ssl.SSLContext | None, host: str, port: int) -> int:
@@ -92,9 +101,9 @@ def serve(config: Config, tls: ssl.SSLContext | None, host: str, port: int) -> i
         metrics_dir = os.path.join(runtime, "metrics")
         os.mkdir(metrics_dir)
         key = Fernet.generate_key()
-        sockets = listen(host, port, config.server.workers)
-        workers = [_Worker(WorkerRole(i, key, os.path.join(runtime, "primary.sock"), metrics_dir), s)
-                   for i, s in enumerate(sockets)]
+        groups = listen(host, port, config.server.workers)
+        workers = [_Worker(WorkerRole(i, key, os.path.join(runtime, "primary.sock"), metrics_dir), group)
+                   for i, group in enumerate(groups)]
         return _Supervisor(config, tls, workers).run(f"{'https' if tls else 'http'}://{host}:{port}")
     finally:
         shutil.rmtree(runtime, ignore_errors=True)
@@ -174,9 +183,10 @@ class _Supervisor:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
             for other in self.workers:
                 if other is not worker:
-                    other.sock.close()
+                    for s in other.sockets:
+                        s.close()
             setup_logging(self.config.server.log_level, self.config.server.log_format)
-            status = run_worker(self.config, self.tls, worker.role, worker.sock, ready_fd)
+            status = run_worker(self.config, self.tls, worker.role, worker.sockets, ready_fd)
         except BaseException:  # noqa: BLE001  # report anything, then leave without unwinding the parent's stack
             log.exception("worker %d failed", worker.role.index)
         finally:
@@ -247,10 +257,11 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def run_worker(config: Config, tls: ssl.SSLContext | None, role: WorkerRole, sock: socket.socket, ready_fd: int) -> int:
-    """Serve on `sock` (and, for the primary, on its unix socket) until SIGTERM or SIGINT."""
+def run_worker(config: Config, tls: ssl.SSLContext | None, role: WorkerRole, sockets: list[socket.socket],
+               ready_fd: int) -> int:
+    """Serve on `sockets` (and, for the primary, on its unix socket) until SIGTERM or SIGINT."""
     try:
-        asyncio.run(_serve_worker(config, tls, role, sock, ready_fd))
+        asyncio.run(_serve_worker(config, tls, role, sockets, ready_fd))
     except SchemaTooNew as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -260,15 +271,16 @@ def run_worker(config: Config, tls: ssl.SSLContext | None, role: WorkerRole, soc
     return 0
 
 
-async def _serve_worker(config: Config, tls: ssl.SSLContext | None, role: WorkerRole, sock: socket.socket,
-                        ready_fd: int) -> None:
+async def _serve_worker(config: Config, tls: ssl.SSLContext | None, role: WorkerRole,
+                        sockets: list[socket.socket], ready_fd: int) -> None:
     runner = web.AppRunner(
         make_app(config, role=role), access_log_class=AccessLogger.for_worker(role.index), access_log=logging.getLogger(ACCESS_LOGGER),
         shutdown_timeout=config.server.shutdown_timeout,
     )
     await runner.setup()
     try:
-        await web.SockSite(runner, sock, ssl_context=tls).start()
+        for sock in sockets:
+            await web.SockSite(runner, sock, ssl_context=tls).start()
         if role.primary:  # plain HTTP: only sibling workers can open the private directory it is in
             await web.UnixSite(runner, role.primary_socket).start()
         stop = asyncio.Event()
