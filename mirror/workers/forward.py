@@ -77,9 +77,7 @@ class PrimaryLink:
             )
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             log.warning("cannot reach the primary worker at %s: %s", self.socket_path, exc)
-            return error_response(RegistryError(
-                "UNAVAILABLE", 503, "the mirror's primary worker is not answering (restarting?); retry shortly",
-                headers={"Retry-After": "1"}))
+            return _unavailable()
         async with answer:
             response = web.StreamResponse(status=answer.status, reason=answer.reason)
             for name, value in answer.headers.items():
@@ -95,13 +93,21 @@ class PrimaryLink:
                 async for chunk in answer.content.iter_chunked(_CHUNK):
                     await response.write(chunk)
             except (aiohttp.ClientError, asyncio.TimeoutError, asyncio.IncompleteReadError, OSError) as exc:
-                # Cut the client off rather than end a short body as if it were whole.
-                log.warning("the primary worker stopped answering %s mid-body: %s", request.path, exc)
-                if request.transport is not None:
-                    request.transport.abort()
+                if request.transport is None or request.transport.is_closing():
+                    return response  # the client went away
+                log.warning("the primary worker's answer to %s broke off: %s", request.path, exc)
+                if not response.prepared:
+                    return _unavailable()
+                request.transport.abort()  # rather than end a short body as if it were whole
                 return response
             await response.write_eof()
             return response
+
+
+def _unavailable() -> web.Response:
+    return error_response(RegistryError(
+        "UNAVAILABLE", 503, "the mirror's primary worker is not answering (restarting?); retry shortly",
+        headers={"Retry-After": "1"}))
 
 
 def forward_middleware(link: PrimaryLink) -> Middleware:

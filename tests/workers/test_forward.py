@@ -19,6 +19,7 @@ from multidict import MultiDict
 from mirror.app import make_app
 from mirror.errors import Handler
 from mirror.routes import SERVICES
+from mirror.workers import follow
 from mirror.workers.follow import TEMP_FILE
 from mirror.workers.role import WorkerRole
 from tests.conftest import mirror_config
@@ -170,3 +171,17 @@ async def test_a_corrupt_blob_reaches_the_secondarys_clients_cut_short(group: Gr
     assert resp.status == 200  # headers go out before the last byte could be checked ...
     with pytest.raises(aiohttp.ClientPayloadError):
         await resp.read()  # ... and the body never completes
+
+
+async def test_a_temp_file_the_secondary_cannot_open_is_a_503_not_an_empty_200(
+    group: Group, fake_registry: FakeRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layer = os.urandom(1 << 20)
+    fake_registry.add_image("library/app", "v1", [layer])
+
+    def gone(*args: object) -> None:
+        raise FileNotFoundError("the temp file and the blob are both gone")
+
+    monkeypatch.setattr(follow, "_open", gone)
+    resp = await group.secondary.get(f"/v2/library/app/blobs/sha256:{hashlib.sha256(layer).hexdigest()}")
+    assert resp.status == 503 and (await resp.json())["errors"][0]["code"] == "UNAVAILABLE"
