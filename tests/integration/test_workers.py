@@ -31,8 +31,16 @@ MANIFEST_ACCEPT = "application/vnd.docker.distribution.manifest.v2+json"
 @pytest.fixture
 def group(mirror_factory: Callable[..., MirrorProcess]) -> MirrorProcess:
     mirror = mirror_factory(workers=2)
-    assert len(mirror.workers()) == 2
+    wait_for_workers(mirror, 2)
     return mirror
+
+
+def wait_for_workers(mirror: MirrorProcess, count: int) -> None:
+    """/readyz answers once the primary does; the secondary is forked after that."""
+    deadline = time.monotonic() + 20
+    while len(mirror.workers()) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(mirror.workers()) == count
 
 
 def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -135,7 +143,7 @@ def test_sigterm_stops_every_worker_and_frees_the_data_directory(
     log = group.log.read_text()
     assert "stopping 2 workers (SIGTERM)" in log and "Traceback" not in log
     group.start()  # the same data directory: the lock was released
-    assert len(group.workers()) == 2
+    wait_for_workers(group, 2)
 
 
 def test_workers_do_not_outlive_a_killed_supervisor(group: MirrorProcess) -> None:
