@@ -66,6 +66,13 @@ class Scenario:
 
 
 RSS = Metric("rss", "peak RSS, MiB", "lower", "{:.0f}")
+WRK_METRICS = (
+    Metric("rps", "requests/s", "higher", "{:.0f}"),
+    Metric("p50", "p50 latency, ms", "lower", "{:.2f}"),
+    Metric("p99", "p99 latency, ms", "lower", "{:.2f}"),
+    Metric("errors", "errors (non-2xx, socket)", "exact", "{:.0f}"),
+    RSS,
+)
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -424,21 +431,9 @@ SCENARIOS: tuple[Scenario, ...] = (
         RSS,
     ), run_pulls),
     Scenario("manifest-tag", "manifest GET by tag, within TTL (wrk)", ("direct", "distribution", "drayage", "mirror"),
-             None, (
-                 Metric("rps", "requests/s", "higher", "{:.0f}"),
-                 Metric("p50", "p50 latency, ms", "lower", "{:.2f}"),
-                 Metric("p99", "p99 latency, ms", "lower", "{:.2f}"),
-                 Metric("errors", "errors (non-2xx, socket)", "exact", "{:.0f}"),
-                 RSS,
-             ), run_manifest_tag, needs=("wrk",)),
+             None, WRK_METRICS, run_manifest_tag, needs=("wrk",)),
     Scenario("manifest-digest", "manifest GET by digest (wrk)", ("direct", "distribution", "drayage", "mirror"),
-             None, (
-                 Metric("rps", "requests/s", "higher", "{:.0f}"),
-                 Metric("p50", "p50 latency, ms", "lower", "{:.2f}"),
-                 Metric("p99", "p99 latency, ms", "lower", "{:.2f}"),
-                 Metric("errors", "errors (non-2xx, socket)", "exact", "{:.0f}"),
-                 RSS,
-             ), run_manifest_digest, needs=("wrk",)),
+             None, WRK_METRICS, run_manifest_digest, needs=("wrk",)),
     Scenario("startup", "mirror start-up until /readyz answers 200", ("mirror",), None, (
         Metric("startup", "start-up with N cached objects, s", "lower", "{:.2f}"),
         Metric("startup_empty", "start-up with an empty cache, s", "lower", "{:.2f}"),

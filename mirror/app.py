@@ -125,8 +125,8 @@ def make_app(config: Config, clock: Callable[[], float] = time.time, role: Worke
 def hit_ratio(metrics: Metrics) -> float | None:
     """Share of manifest and blob requests answered from the cache since start."""
     counts: dict[str, float] = {}
-    for family in metrics.exposition().collect():
-        for sample in family.samples if family.name == "mirror_requests" else ():
+    for family in metrics.request_counts():
+        for sample in family.samples:
             if sample.name.endswith("_total") and sample.labels["kind"] in ("manifest", "blob"):
                 counts[sample.labels["result"]] = counts.get(sample.labels["result"], 0) + sample.value
     total = sum(counts.values())

@@ -10,13 +10,12 @@ from aiohttp import web
 
 from mirror import cachecli, clientconfig
 from mirror import config as configuration
+from mirror.config import EXIT_CONFIG
 from mirror.observe import ACCESS_LOGGER, AccessLogger, setup_logging
 from mirror.app import make_app
 from mirror.storage.lock import DataDirBusy
 from mirror.storage.metadata import SchemaTooNew
 from mirror.workers import supervisor
-
-EXIT_CONFIG = 2
 
 
 def _parser() -> argparse.ArgumentParser:

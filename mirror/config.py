@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
+EXIT_CONFIG = 2  # the exit status of a command refused for its settings or its data directory
+
 DEFAULT_UPSTREAMS = {
     "docker.io": "https://registry-1.docker.io",
     "ghcr.io": "https://ghcr.io",

@@ -130,6 +130,13 @@ class Metrics:
         registry.register(self.cache)
         return registry
 
+    def request_counts(self) -> Iterator[Metric]:
+        """`mirror_requests`, summed over a group's workers if there are several (no cache query)."""
+        if not self.multiprocess_dir:
+            return iter(self.requests.collect())
+        return (family for family in MultiProcessCollector(None, self.multiprocess_dir).collect()
+                if family.name == "mirror_requests")
+
     def _described(self) -> dict[str, Metric]:
         """Our metrics' families without samples: names, types and help texts."""
         return {family.name: family for metric in vars(self).values() if isinstance(metric, MetricWrapperBase)

@@ -28,7 +28,7 @@ from cryptography.fernet import Fernet
 from prometheus_client import multiprocess
 
 from mirror.app import make_app
-from mirror.config import Config
+from mirror.config import EXIT_CONFIG, Config
 from mirror.observe import ACCESS_LOGGER, AccessLogger, setup_logging
 from mirror.storage.lock import DataDirLock
 from mirror.storage.metadata import SchemaTooNew
@@ -36,7 +36,6 @@ from mirror.workers.role import WorkerRole
 
 log = logging.getLogger("mirror.workers")
 
-EXIT_CONFIG = 2
 READY_TIMEOUT = 600.0  # a primary re-verifies files a crash left without metadata before it answers
 RESTART_DELAYS = (0.5, 1, 2, 5, 10, 30)  # seconds, for workers that keep dying young
 STEADY = 60.0  # a worker that lived this long starts over at the shortest delay

@@ -245,6 +245,15 @@ def _json(value: object) -> bytes:
     return json.dumps(value, indent=3).encode()
 
 
+def sha256_file(path: Path) -> str:
+    """The digest of a file's content, read in 1 MiB pieces."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return f"sha256:{h.hexdigest()}"
+
+
 def _sha256(data: bytes) -> str:
     return f"sha256:{hashlib.sha256(data).hexdigest()}"
 

@@ -16,6 +16,7 @@ from typing import NamedTuple, NoReturn
 
 import pytest
 
+from tests.fakes.fault_proxy import FaultProxy
 from tests.fakes.token_server import TokenServer
 from tests.integration.process import http_status, stop, wait_ready
 
@@ -187,3 +188,13 @@ class UpstreamRegistry:
         if not self.error_log.exists():
             return ""
         return "\n".join(self.error_log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def break_upstream(fault: str, upstream: UpstreamRegistry, proxy: FaultProxy) -> None:
+    """Make the upstream look `stopped`, answer `503`, or `hang` (through the fault proxy in front of it)."""
+    if fault == "stopped":
+        upstream.stop()
+    elif fault == "503":
+        proxy.status = 503
+    else:
+        proxy.hang = True

@@ -15,7 +15,7 @@ from tests.fakes.fault_proxy import FaultProxy
 from tests.integration.clients import Client, Dockerd
 from tests.integration.images import ImageKind, push_image
 from tests.integration.mirror_process import MirrorProcess
-from tests.integration.registry import UpstreamRegistry
+from tests.integration.registry import UpstreamRegistry, break_upstream
 
 pytestmark = pytest.mark.integration
 
@@ -43,12 +43,7 @@ def test_cached_image_pulls_while_upstream_is_out(
     image = push_image(upstream, repo, "v1", kind="index")
     assert pull_client.pull(mirror.host, repo, "v1") == image.digest
     pull_client.remove_all()
-    if fault == "stopped":
-        upstream.stop()
-    elif fault == "503":
-        fault_proxy.status = 503
-    else:
-        fault_proxy.hang = True
+    break_upstream(fault, upstream, fault_proxy)
     assert pull_client.pull(mirror.host, repo, "v1") == image.digest
     pull_client.remove_all()
     assert pull_client.pull(mirror.host, repo, image.digest) == image.digest

@@ -5,7 +5,6 @@ access-log counters and outage switch do what they say."""
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import subprocess
 import urllib.error
@@ -22,6 +21,7 @@ from tests.integration.images import (
     delete_manifest,
     push_image,
     put_manifest,
+    sha256_file,
 )
 from tests.integration.registry import UpstreamRegistry, require_binary
 
@@ -42,14 +42,6 @@ def inspect_raw(upstream: UpstreamRegistry, ref: str, *auth: str) -> subprocess.
     """`skopeo inspect --raw` of `repo:tag` or `repo@digest`; admin credentials unless `auth` given."""
     auth = auth or ("--creds", creds(upstream))
     return skopeo("inspect", "--raw", "--tls-verify=false", *auth, f"docker://{upstream.host}/{ref}")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return f"sha256:{h.hexdigest()}"
 
 
 @pytest.mark.parametrize("kind", ["schema2", "oci", "list", "index"])

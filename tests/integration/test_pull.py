@@ -19,9 +19,9 @@ from typing import Callable
 import pytest
 
 from tests.fakes.fault_proxy import FaultProxy
-from tests.integration.images import ImageKind, PushedImage, push_image
+from tests.integration.images import ImageKind, PushedImage, push_image, sha256_file
 from tests.integration.mirror_process import MirrorProcess
-from tests.integration.registry import UpstreamRegistry, require_binary
+from tests.integration.registry import UpstreamRegistry, break_upstream, require_binary
 
 pytestmark = pytest.mark.integration
 
@@ -36,14 +36,6 @@ def pull(mirror: MirrorProcess, ref: str, out: Path) -> None:
     done = skopeo("copy", "--all", "--src-tls-verify=false", "--src-no-creds",
                   f"docker://{mirror.host}/{ref}", f"dir:{out}")
     assert done.returncode == 0, done.stderr.decode() + "\n--- mirror log ---\n" + mirror.log_tail()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return f"sha256:{h.hexdigest()}"
 
 
 def assert_pulled(image: PushedImage, out: Path) -> None:
@@ -100,12 +92,7 @@ def test_cached_images_pull_while_upstream_is_out(
     mirror = mirror_factory(tag_ttl="0s", read_timeout="1s")
     image = push_image(upstream, repo, "v1", kind="list")
     pull(mirror, f"{repo}:v1", tmp_path / "warm")
-    if fault == "stopped":
-        upstream.stop()
-    elif fault == "503":
-        fault_proxy.status = 503
-    else:
-        fault_proxy.hang = True
+    break_upstream(fault, upstream, fault_proxy)
     for ref in (f"{repo}:v1", f"{repo}@{image.digest}"):
         out = tmp_path / ref.replace(":", "_").replace("/", "_").replace("@", "_")
         pull(mirror, ref, out)
