@@ -17,10 +17,9 @@ from typing import TextIO
 import aiohttp
 from tqdm import tqdm
 
-from mirror.upstream.client import MANIFEST_TYPES
+from mirror.mediatypes import INDEX_TYPES, MANIFEST_TYPES
 
 ACCEPT = ", ".join(MANIFEST_TYPES)
-INDEX_TYPES = {MANIFEST_TYPES[0], MANIFEST_TYPES[1]}
 REPORT_EVERY = 5.0
 
 

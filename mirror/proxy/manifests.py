@@ -26,7 +26,8 @@ from mirror.storage.blobs import ContentStore
 from mirror.storage.images import image_parts
 from mirror.storage.metadata import Metadata, TagRow
 from mirror.upstream.auth import Credentials, fingerprint
-from mirror.upstream.client import MANIFEST_TYPES, Upstream, UpstreamError
+from mirror.mediatypes import MANIFEST_TYPES
+from mirror.upstream.client import Upstream, UpstreamError
 
 log = logging.getLogger("mirror.manifests")
 

@@ -24,12 +24,6 @@ from mirror.upstream.ratelimit import RateLimits
 
 log = logging.getLogger("mirror.upstream")
 
-MANIFEST_TYPES = (
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-)
 MANIFEST_MAX_BYTES = 4 << 20
 MAX_REDIRECTS = 5
 READ_BUFFER = 1 << 20  # large reads of blob bodies: few wake-ups, few writes
@@ -78,9 +72,12 @@ class UpstreamError(Exception):
 
 @dataclass(frozen=True)
 class ManifestHead:
+    """What a manifest probe learned; `body` is set when the probe had to be a GET."""
+
     digest: str | None
     media_type: str
     size: int | None
+    body: bytes | None = None
 
 
 @dataclass(frozen=True)
