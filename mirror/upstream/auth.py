@@ -1,27 +1,35 @@
-"""Upstream authentication: credentials, challenge parsing and a token cache.
+"""Upstream authentication: credentials, challenge parsing, token URLs and a token cache.
 
-Registries answer 401 with `WWW-Authenticate: Bearer realm=..,service=..,scope=..`;
-the token from the realm is cached per (upstream, scope, principal) for its
-`expires_in` minus a margin, so a warm mirror fetches tokens rarely.
+Registries answer 401 with one or more challenges, e.g.
+`WWW-Authenticate: Basic realm="r", Bearer realm="https://auth/token",service="reg"`
+(or the two on separate header lines). `parse_challenges` reads them as RFC 9110
+§11.6.1 defines; `select_challenge` prefers Bearer. A token from the realm is cached
+per (upstream, origin that challenged, scope, principal) for its `expires_in` minus a
+margin, so a warm mirror fetches tokens rarely and a token issued for one host is
+never presented to another.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import hashlib
-import re
+import string
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from cachetools import TLRUCache
 
-_PARAM_RE = re.compile(r'([A-Za-z_]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))')
 TOKEN_MARGIN = 30.0
 DEFAULT_TOKEN_TTL = 60.0
-
-
 ANONYMOUS = "anonymous"
+
+# RFC 9110 §5.6.2 tchar, and the token68 alphabet of §11.2 (without its trailing "=" padding).
+_TCHAR = frozenset(string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~")
+_TOKEN68 = frozenset(string.ascii_letters + string.digits + "-._~+/")
+_WS = " \t"
 
 
 @dataclass(frozen=True)
@@ -59,23 +67,172 @@ def fingerprint(creds: Credentials | None) -> str:
 
 @dataclass(frozen=True)
 class Challenge:
+    """One challenge of a `WWW-Authenticate` field: scheme (lower case), auth-params (names in
+    lower case, values unquoted) or a token68."""
+
     scheme: str
     params: dict[str, str]
+    token68: str | None = None
 
     @property
     def realm(self) -> str | None:
         return self.params.get("realm")
 
 
-def parse_challenge(header: str) -> Challenge | None:
-    """Parse one `WWW-Authenticate` value; None when it is not Bearer or Basic."""
-    scheme, _, rest = header.strip().partition(" ")
-    scheme = scheme.lower()
-    if scheme not in ("bearer", "basic"):
+class _Scanner:
+    """A cursor over one field value, with the RFC 9110 productions the challenge grammar uses."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.pos = 0
+
+    def at_end(self) -> bool:
+        return self.pos >= len(self.text)
+
+    def peek(self) -> str:
+        return self.text[self.pos] if self.pos < len(self.text) else ""
+
+    def skip_ws(self) -> None:
+        while self.peek() and self.peek() in _WS:
+            self.pos += 1
+
+    def run(self, chars: frozenset[str]) -> str:
+        start = self.pos
+        while self.peek() and self.peek() in chars:
+            self.pos += 1
+        return self.text[start:self.pos]
+
+    def quoted_string(self) -> str | None:
+        """A quoted-string with its backslash escapes undone; None (cursor kept) if unterminated."""
+        start, out = self.pos, []
+        self.pos += 1  # the opening DQUOTE
+        while not self.at_end():
+            char = self.text[self.pos]
+            self.pos += 1
+            if char == '"':
+                return "".join(out)
+            if char == "\\" and not self.at_end():
+                char = self.text[self.pos]
+                self.pos += 1
+            out.append(char)
+        self.pos = start
         return None
-    params = {m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
-              for m in _PARAM_RE.finditer(rest)}
-    return Challenge(scheme, params)
+
+    def auth_param(self) -> tuple[str, str] | None:
+        """`token BWS "=" BWS ( token / quoted-string )`; None (cursor kept) when not one."""
+        start = self.pos
+        name = self.run(_TCHAR)
+        self.skip_ws()
+        if name and self.peek() == "=":
+            self.pos += 1
+            self.skip_ws()
+            value = self.quoted_string() if self.peek() == '"' else (self.run(_TCHAR) or None)
+            if value is not None and self._element_ends():
+                return name.lower(), value
+        self.pos = start
+        return None
+
+    def token68(self) -> str | None:
+        """`1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="` ending the element."""
+        start = self.pos
+        value = self.run(_TOKEN68)
+        value += self.run(frozenset("="))
+        if value and self._element_ends():
+            return value
+        self.pos = start
+        return None
+
+    def _element_ends(self) -> bool:
+        """Whether only OWS stands between the cursor and a list comma (or the end)."""
+        end = self.pos
+        while end < len(self.text) and self.text[end] in _WS:
+            end += 1
+        return end >= len(self.text) or self.text[end] == ","
+
+    def next_element(self) -> None:
+        """Skip the rest of an element that does not parse, up to the next comma outside quotes."""
+        while not self.at_end() and self.peek() != ",":
+            if self.peek() == '"' and self.quoted_string() is not None:
+                continue
+            self.pos += 1
+
+    def list_separators(self) -> None:
+        """OWS and commas between list elements (empty elements are allowed, RFC 9110 §5.6.1)."""
+        while self.peek() and self.peek() in _WS + ",":
+            self.pos += 1
+
+
+def parse_challenges(values: str | Iterable[str]) -> list[Challenge]:
+    """Every challenge in `WWW-Authenticate` field values, in order (RFC 9110 §11.6.1).
+
+    Several field lines mean the same as one joined with commas. A comma separates both the
+    params of a challenge and the challenges themselves: an element `name=value` is a param
+    of the challenge before it, an element starting with a bare token starts a new one.
+    Parsing is tolerant: a malformed part is skipped, a parameter named twice keeps its first
+    value, and nothing raises.
+    """
+    text = values if isinstance(values, str) else ", ".join(values)
+    scan, found = _Scanner(text), []
+    current: Challenge | None = None
+    while True:
+        scan.list_separators()
+        if scan.at_end():
+            return found
+        if current is not None and (param := scan.auth_param()) is not None:
+            current.params.setdefault(*param)
+            continue
+        scheme = scan.run(_TCHAR)
+        if not scheme or (scan.peek() and scan.peek() not in _WS + ","):
+            current = None  # not a challenge: the params that follow belong to nothing
+            scan.next_element()
+            continue
+        scan.skip_ws()
+        current = Challenge(scheme.lower(), {})
+        found.append(current)
+        if (param := scan.auth_param()) is not None:
+            current.params.setdefault(*param)
+        elif (token68 := scan.token68()) is not None:
+            found[-1] = current = Challenge(current.scheme, {}, token68)
+        elif not scan.at_end() and scan.peek() != ",":
+            scan.next_element()
+
+
+def select_challenge(challenges: Iterable[Challenge]) -> Challenge | None:
+    """The challenge to answer: Bearer with a realm when offered, else Basic, else None."""
+    offered = list(challenges)
+    for challenge in offered:
+        if challenge.scheme == "bearer" and challenge.realm:
+            return challenge
+    return next((c for c in offered if c.scheme == "basic"), None)
+
+
+def parse_challenge(values: str | Iterable[str]) -> Challenge | None:
+    """The challenge to answer among those in `WWW-Authenticate` values (see `select_challenge`)."""
+    return select_challenge(parse_challenges(values))
+
+
+def token_url(realm: str, service: str | None, scopes: Iterable[str]) -> str:
+    """The realm's URL asking for `scopes` of `service` (the Docker token protocol's GET form).
+
+    Query parameters the realm already carries are kept as they are and ours are appended
+    with `&`; a fragment is dropped. ValueError when the realm is not an absolute http(s) URL.
+    """
+    parts = urlsplit(realm)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"token realm {realm!r} is not an absolute http(s) URL")
+    ours = urlencode([("scope", s) for s in scopes] + ([("service", service)] if service else []))
+    query = "&".join(q for q in (parts.query, ours) if q)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path or "/", query, ""))
+
+
+class TokenKey(NamedTuple):
+    """What a cached token is for: the upstream, the origin (`scheme://host:port`) whose
+    challenge it answers, the scope, and the principal's fingerprint."""
+
+    upstream: str
+    origin: str
+    scope: str
+    principal: str
 
 
 @dataclass(frozen=True)
@@ -85,21 +242,21 @@ class Token:
 
 
 class TokenCache:
-    """Tokens keyed by (upstream, scope, principal fingerprint), dropped before they expire."""
+    """Tokens keyed by `TokenKey`, dropped before they expire."""
 
     def __init__(self, clock: Callable[[], float] = time.time, maxsize: int = 10_000) -> None:
-        self._cache: TLRUCache[tuple[str, str, str], Token] = TLRUCache(
+        self._cache: TLRUCache[TokenKey, Token] = TLRUCache(
             maxsize, ttu=lambda _k, tok, _now: tok.expires_at, timer=clock
         )
         self._clock = clock
 
-    def get(self, key: tuple[str, str, str]) -> str | None:
+    def get(self, key: TokenKey) -> str | None:
         tok = self._cache.get(key)
         return tok.value if tok else None
 
-    def put(self, key: tuple[str, str, str], value: str, expires_in: float | None) -> None:
+    def put(self, key: TokenKey, value: str, expires_in: float | None) -> None:
         ttl = max((expires_in or DEFAULT_TOKEN_TTL) - TOKEN_MARGIN, 1.0)
         self._cache[key] = Token(value, self._clock() + ttl)
 
-    def drop(self, key: tuple[str, str, str]) -> None:
+    def drop(self, key: TokenKey) -> None:
         self._cache.pop(key, None)
