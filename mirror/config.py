@@ -41,6 +41,7 @@ class UpstreamConfig:
     name: str
     url: str
     tag_ttl: float = 600.0
+    negative_ttl: float = 30.0  # how long an upstream 404 for a tag is believed
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
     access_ttl: float = 600.0

@@ -5,7 +5,6 @@ nothing a client sends can name a file outside the data directory.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 
@@ -61,25 +60,3 @@ def parse_reference(reference: str) -> ManifestRef:
             "TAG_INVALID", 400, f"invalid tag {reference[:140]!r}: expected [A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}}"
         )
     return ManifestRef(tag=reference)
-
-
-def referenced_digests(body: bytes) -> list[str]:
-    """Digests a manifest or index points at: config, layers, child manifests, subject.
-
-    Anything that is not a well-formed sha256 digest is left out, so the result is safe to
-    build paths from.
-    """
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        return []
-    if not isinstance(doc, dict):
-        return []
-    found: list[str] = []
-    for key in ("config", "subject"):
-        if isinstance(doc.get(key), dict):
-            found.append(doc[key].get("digest"))
-    for key in ("layers", "manifests", "blobs"):
-        if isinstance(doc.get(key), list):
-            found.extend(d.get("digest") for d in doc[key] if isinstance(d, dict))
-    return [d for d in found if isinstance(d, str) and SHA256_RE.fullmatch(d)]

@@ -17,7 +17,8 @@ from typing import Callable
 
 from mirror.config import parse_size
 from mirror.metrics import Metrics
-from mirror.reference import is_digest, referenced_digests
+from mirror.manifest import referenced_digests
+from mirror.reference import is_digest
 from mirror.storage.blobs import ContentStore
 from mirror.storage.images import image_parts
 from mirror.storage.metadata import Metadata

@@ -17,6 +17,7 @@ from typing import TextIO
 import aiohttp
 from tqdm import tqdm
 
+from mirror.manifest import image_blobs
 from mirror.mediatypes import INDEX_TYPES, MANIFEST_TYPES
 
 ACCEPT = ", ".join(MANIFEST_TYPES)
@@ -152,7 +153,7 @@ class Warmer:
                     raise WarmError(f"no manifest for platform(s) {', '.join(self.platforms)}")
                 manifests = [json.loads(await self._get(f"/v2/{name}/manifests/{m['digest']}", outcome, ACCEPT) or b"{}")
                              for m in children]
-            blobs = {d["digest"] for m in manifests for d in [m.get("config") or {}, *m.get("layers", [])] if d.get("digest")}
+            blobs = {digest for m in manifests for digest in image_blobs(m)}
             for digest in sorted(blobs):
                 await self._get(f"/v2/{name}/blobs/{digest}", outcome)
         except (WarmError, aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:

@@ -8,8 +8,6 @@ stale copy is served instead of an error.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -21,7 +19,8 @@ from mirror.errors import RegistryError
 from mirror.metrics import Metrics
 from mirror.proxy.access import AccessPolicy, Principal
 from mirror.proxy.inflight import SingleFlight
-from mirror.reference import ManifestRef, referenced_digests
+from mirror.manifest import InvalidManifest, digest_of, media_type_of, referenced_digests
+from mirror.reference import ManifestRef
 from mirror.storage.blobs import ContentStore
 from mirror.storage.images import image_parts
 from mirror.storage.metadata import Metadata, TagRow
@@ -83,6 +82,8 @@ class ManifestService:
         self._flights = SingleFlight()
         # digest → (its image's parts, when to look again: None once every part is cached)
         self._parts: LRUCache[str, tuple[tuple[str, ...], float | None]] = LRUCache(100_000)
+        # (upstream, repo, tag, who asked upstream) → until when upstream's 404 for it is believed
+        self._absent: LRUCache[tuple[str, str, str, str], tuple[float, str]] = LRUCache(10_000)
 
     async def get(
         self, upstream: Upstream, repo: str, ref: ManifestRef, accept: list[str], principal: Principal
@@ -144,21 +145,24 @@ class ManifestService:
     ) -> CachedManifest:
         """GET from upstream, verify against the digest we expect, store, and link its parts."""
         got = await upstream.get_manifest(repo, ref, ACCEPT_ALL, creds)
-        digest = "sha256:" + hashlib.sha256(got.body).hexdigest()
-        claimed = expected or got.digest
-        if claimed and claimed != digest:
+        manifest = _verified(upstream, repo, ref, got.body, got.media_type)
+        return await self._store(upstream, repo, ref, manifest, expected or got.digest)
+
+    async def _store(
+        self, upstream: Upstream, repo: str, ref: str, manifest: CachedManifest, claimed: str | None
+    ) -> CachedManifest:
+        """Store a manifest upstream sent for `ref`, unless it is not the `claimed` digest, and
+        link its parts."""
+        if claimed and claimed != manifest.digest:
             self.metrics.digest_mismatches.labels(upstream.name).inc()
             log.error("discarded manifest %s:%s from %s: expected %s, content hashes to %s",
-                      repo, ref, upstream.name, claimed, digest)
+                      repo, ref, upstream.name, claimed, manifest.digest)
             raise RegistryError("MANIFEST_INVALID", 502, f"upstream {upstream.name} sent a manifest that does not match {claimed}")
-        media_type = got.media_type or _declared_type(got.body)
-        if not media_type:
-            raise RegistryError("MANIFEST_INVALID", 502, f"upstream {upstream.name} sent a manifest without a media type")
-        manifest = CachedManifest(digest, media_type, got.body)
+        digest, body = manifest.digest, manifest.body
         if self.store.size(digest) is None:
-            self.store.put(digest, got.body)
-        await self.metadata.add_content(digest, len(got.body), media_type, "manifest", self.clock())
-        await self.metadata.link(upstream.name, repo, [digest, *referenced_digests(got.body)])
+            self.store.put(digest, body)
+        await self.metadata.add_content(digest, len(body), manifest.media_type, "manifest", self.clock())
+        await self.metadata.link(upstream.name, repo, [digest, *referenced_digests(body)])
         self._memory[digest] = manifest
         return manifest
 
@@ -170,7 +174,7 @@ class ManifestService:
         body = self.store.read(digest) if row is not None else None
         if body is None:
             return None
-        media_type = row.media_type if row and row.media_type else _declared_type(body)
+        media_type = media_type_of(body, row.media_type if row else None)
         if not media_type:
             return None
         cached = CachedManifest(digest, media_type, body)
@@ -186,12 +190,18 @@ class ManifestService:
             return _answer(cached, "hit")
         if not principal.fetches_as_itself:
             await self._allow(upstream, repo, principal, tag)
+        absent_key = (upstream.name, repo, tag, fingerprint(principal.upstream))
+        if (absent := self._absent.get(absent_key)) and self.clock() < absent[0]:
+            raise UpstreamError(upstream.name, 404, absent[1])
         try:
             return await self.access.observe(upstream, repo, principal, self._flights.do(
                 ("tag", upstream.name, repo, tag, fingerprint(principal.upstream)),
                 lambda: self._revalidate(upstream, repo, tag, row, principal.upstream),
             ))
         except UpstreamError as exc:
+            if exc.status == 404 and upstream.config.negative_ttl > 0:
+                # a CI loop asking for a tag that is not there yet must not spend rate limit
+                self._absent[absent_key] = (self.clock() + upstream.config.negative_ttl, exc.message)
             if not exc.outage or cached is None:
                 raise
             await self._allow(upstream, repo, principal, cached.digest)  # upstream's last word stands
@@ -213,8 +223,13 @@ class ManifestService:
             if row is not None:
                 self.metrics.tag_revalidations.labels("error").inc()
             raise
-        known = await self._load(probe.digest) if probe.digest else None
-        manifest = known or await self._fetch(upstream, repo, probe.digest or tag, probe.digest, creds)
+        if probe.body is not None:  # upstream could only be asked with a GET: its body is here
+            got = _verified(upstream, repo, tag, probe.body, probe.media_type)
+            known = await self._load(got.digest)
+            manifest = known or await self._store(upstream, repo, tag, got, None)
+        else:
+            known = await self._load(probe.digest) if probe.digest else None
+            manifest = known or await self._fetch(upstream, repo, probe.digest or tag, probe.digest, creds)
         if row is not None:
             self.metrics.tag_revalidations.labels("unchanged" if row.digest == manifest.digest else "changed").inc()
         now = self.clock()
@@ -230,16 +245,24 @@ class ManifestService:
     ) -> Answer:
         """A client that cannot take the cached type gets what upstream gives for its own Accept."""
         got = await upstream.get_manifest(repo, ref, ", ".join(accept), principal.upstream)
-        digest = "sha256:" + hashlib.sha256(got.body).hexdigest()
-        if got.digest and got.digest != digest:
+        manifest = _verified(upstream, repo, ref, got.body, got.media_type)
+        if got.digest and got.digest != manifest.digest:
             raise RegistryError("MANIFEST_INVALID", 502, f"upstream {upstream.name} sent a manifest that does not match {got.digest}")
-        return Answer(digest, got.media_type, got.body, "miss")
+        return _answer(manifest, "miss")
 
 
-def _declared_type(body: bytes) -> str | None:
+def _verified(upstream: Upstream, repo: str, ref: str, body: bytes, declared_type: str) -> CachedManifest:
+    """A manifest as its bytes describe it: digest (schema1: of the signed payload) and media type.
+
+    Raises MANIFEST_INVALID (502) for bytes that are no manifest or a schema1 that does not verify.
+    """
     try:
-        doc = json.loads(body)
-    except ValueError:
-        return None
-    media_type = doc.get("mediaType") if isinstance(doc, dict) else None
-    return media_type if isinstance(media_type, str) else None
+        digest = digest_of(body)
+    except InvalidManifest as exc:
+        log.error("discarded manifest %s:%s from %s: %s", repo, ref, upstream.name, exc)
+        raise RegistryError("MANIFEST_INVALID", 502, f"upstream {upstream.name} sent a signed manifest that does not verify: {exc}") from None
+    media_type = media_type_of(body, declared_type)
+    if media_type is None:
+        sent = f" (sent as {declared_type[:80]!r})" if declared_type else ""
+        raise RegistryError("MANIFEST_INVALID", 502, f"upstream {upstream.name} sent {repo}:{ref[:80]}{sent}, which is not a manifest")
+    return CachedManifest(digest, media_type, body)

@@ -1,7 +1,7 @@
 """What an image is made of, as far as the cache holds it."""
 from __future__ import annotations
 
-from mirror.reference import referenced_digests
+from mirror.manifest import referenced_digests
 from mirror.storage.blobs import ContentStore
 from mirror.storage.metadata import Metadata
 

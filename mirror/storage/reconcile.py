@@ -11,6 +11,9 @@ import asyncio
 import hashlib
 import logging
 import time
+from pathlib import Path
+
+from mirror.manifest import MANIFEST_MAX_BYTES, InvalidManifest, digest_of as manifest_digest, media_type_of
 
 from mirror.storage.blobs import ContentStore
 from mirror.storage.metadata import Metadata
@@ -26,6 +29,25 @@ def _sha256_file(path: str) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def _identify(path: Path, digest: str) -> tuple[str, str | None] | None:
+    """(kind, media type) of a file that is what its name says, None if it is not.
+
+    A signed schema1 manifest is digested over its payload, so a file that does not hash
+    to its name may still be one.
+    """
+    if path.stat().st_size > MANIFEST_MAX_BYTES:
+        return ("blob", None) if _sha256_file(str(path)) == digest else None
+    body = path.read_bytes()
+    media_type = media_type_of(body, None)
+    if "sha256:" + hashlib.sha256(body).hexdigest() == digest:
+        return ("manifest", media_type) if media_type else ("blob", None)
+    try:
+        signed = media_type is not None and manifest_digest(body) == digest
+    except InvalidManifest:
+        signed = False
+    return ("manifest", media_type) if signed else None
+
+
 async def reconcile(store: ContentStore, metadata: Metadata) -> tuple[int, int]:
     """Make rows and files agree; returns (dropped rows, adopted files)."""
     rows = await metadata.all_content()
@@ -37,11 +59,13 @@ async def reconcile(store: ContentStore, metadata: Metadata) -> tuple[int, int]:
     adopted = 0
     for digest in files.difference(rows):
         path = store.path(digest)
-        if await asyncio.to_thread(_sha256_file, str(path)) != digest:
+        found = await asyncio.to_thread(_identify, path, digest)
+        if found is None:
             log.warning("removing %s: its content does not match its name", path)
             store.remove(digest)
             continue
-        await metadata.add_content(digest, path.stat().st_size, None, "blob", time.time())
+        kind, media_type = found
+        await metadata.add_content(digest, path.stat().st_size, media_type, kind, time.time())
         adopted += 1
     if adopted:
         log.info("adopted %d verified files that had no metadata row", adopted)

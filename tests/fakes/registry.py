@@ -122,6 +122,7 @@ class FakeRegistry:
         self.stall: asyncio.Event | None = None  # blob bodies wait on it after the first chunk
         self.stall_before_headers = False  # every request waits while this is True
         self.omit_digest_header = False  # no Docker-Content-Digest on manifests
+        self.manifest_content_type: str | None = None  # a CDN's generic type instead of the real one
         self.omit_content_length = False  # blob GET bodies sent chunked
         self.chunk_size = 64 * 1024
         self.chunk_delay = 0.0  # seconds between blob chunks: a slow, streaming upstream
@@ -136,8 +137,11 @@ class FakeRegistry:
         self.repos.setdefault(repo, Repository()).blobs[digest] = data
         return digest
 
-    def add_manifest(self, repo: str, body: bytes, media_type: str, tag: str | None = None) -> str:
-        digest = digest_of(body)
+    def add_manifest(self, repo: str, body: bytes, media_type: str, tag: str | None = None,
+                     digest: str | None = None) -> str:
+        """Store a manifest under its digest (`digest` when it is not the bytes' sha256, as for
+        a signed schema1, whose digest covers its payload)."""
+        digest = digest or digest_of(body)
         repository = self.repos.setdefault(repo, Repository())
         repository.manifests[digest] = (body, media_type)
         if tag is not None:
@@ -342,7 +346,7 @@ class FakeRegistry:
                     for t in h.split(",")}
         if accepted and not accepted & {media_type, "*/*"}:
             return oci_error(404, "MANIFEST_UNKNOWN", f"manifest {ref} not in an accepted type")
-        headers = {"Content-Type": media_type, "ETag": f'"{digest}"'}
+        headers = {"Content-Type": self.manifest_content_type or media_type, "ETag": f'"{digest}"'}
         if not self.omit_digest_header:
             headers["Docker-Content-Digest"] = digest
         if self.ratelimit_headers is not None and request.method == "GET":

@@ -134,7 +134,7 @@ async def test_upstream_errors_without_cache_are_relayed(mirror: Mirror, fake_re
     assert resp.status == 404
     assert (await resp.json())["errors"][0]["code"] == "MANIFEST_UNKNOWN"
     fake_registry.fail_status = 503
-    resp = await mirror.client.get("/v2/library/nothing/manifests/1", headers=ACCEPT)
+    resp = await mirror.client.get("/v2/library/nothing/manifests/other", headers=ACCEPT)
     assert resp.status == 502
     assert (await resp.json())["errors"][0]["code"] == "UNAVAILABLE"
     fake_registry.fail_status = None

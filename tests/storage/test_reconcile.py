@@ -90,3 +90,24 @@ async def test_stray_files_beside_content_do_not_stop_the_start(store: ContentSt
     assert await reconcile(store, metadata) == (0, 1)
     assert await metadata.all_content() == {_digest(data): len(data)}
     assert (store.content_dir / "README").exists()
+
+
+async def test_an_orphan_signed_schema1_manifest_is_adopted_as_a_manifest(
+        store: ContentStore, metadata: Metadata) -> None:
+    body = (Path(__file__).parent.parent / "data" / "schema1-signed.json").read_bytes()
+    digest = "sha256:bff08d8da5a030fc39fdfcddd533fac4bc76d877d1a33bc336f8115e18d9081b"  # of its payload
+    assert _digest(body) != digest
+    store.put(digest, body)
+    assert await reconcile(store, metadata) == (0, 1)
+    row = await metadata.get_content(digest)
+    assert row is not None and row.kind == "manifest"
+    assert row.media_type == "application/vnd.docker.distribution.manifest.v1+prettyjws"
+    assert store.read(digest) == body
+
+
+async def test_an_orphan_manifest_is_adopted_with_its_media_type(store: ContentStore, metadata: Metadata) -> None:
+    body = b'{"schemaVersion": 2, "mediaType": "%s", "config": {}, "layers": []}' % MANIFEST.encode()
+    store.put(_digest(body), body)
+    assert await reconcile(store, metadata) == (0, 1)
+    row = await metadata.get_content(_digest(body))
+    assert row is not None and (row.kind, row.media_type) == ("manifest", MANIFEST)
