@@ -12,7 +12,7 @@ from mirror.metrics import Metrics
 from mirror.proxy.access import Principal, principal_for
 from mirror.proxy.blobs import BlobService
 from mirror.proxy.manifests import ManifestService
-from mirror.proxy.tags import TagListService
+from mirror.proxy.tags import TagListService, mirror_link, parse_page
 from mirror.proxy.tokens import Grant, TokenService, challenge, client_credentials
 from mirror.upstream.auth import Credentials
 from mirror.upstream.client import Upstream
@@ -106,11 +106,11 @@ async def tags(request: web.Request) -> web.Response:
     request[KIND] = "tags"
     _read_only(request)
     upstream, repo, principal = _target(request)
-    query = "&".join(f"{k}={v}" for k, v in request.query.items() if k in ("n", "last"))
-    body, link, result = await _services(request).tags.get(upstream, repo, query, principal.upstream)
+    page = parse_page(request.query)
+    body, following, result = await _services(request).tags.get(upstream, repo, page, principal.upstream)
     request[RESULT] = result
-    headers = {"Link": link} if link else {}
-    return web.Response(body=body, content_type="application/json", headers=headers)
+    link = following and mirror_link(request.match_info["name"], request.query.get("ns"), following)
+    return web.Response(body=body, content_type="application/json", headers={"Link": link} if link else {})
 
 
 async def other_v2(request: web.Request) -> web.Response:

@@ -1,35 +1,142 @@
-"""Tag lists pass through, with a short cache that also stands in while upstream is down."""
+"""Tag lists pass through, with a short cache that also stands in while upstream is down.
+
+Pagination (distribution spec, "Listing Tags"): `n` and `last` go upstream URL-encoded,
+and upstream's `Link` to the next page is rewritten to the mirror's own route for the
+same repository, addressed as the client addressed it (path prefix or `?ns=`), so a
+client paging through never leaves the mirror or lands on another registry. A `Link`
+the mirror cannot read as "the next page of this repository at this upstream" is dropped.
+"""
 from __future__ import annotations
 
+import re
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 from cachetools import LRUCache
+from multidict import MultiMapping
+from yarl import URL
 
+from mirror.errors import RegistryError
 from mirror.upstream.auth import Credentials, fingerprint
 from mirror.upstream.client import Upstream, UpstreamError
 
 FRESH_FOR = 30.0
+PAGE_MAX = 10_000  # larger `n` are refused, as distribution refuses them
+VALUE_MAX = 1024
+EXTRA_MAX = 4
+_ENTRY_SPLIT = re.compile(r",(?=\s*<)")
+_ENTRY = re.compile(r"\s*<([^>]*)>(.*)", re.S)
+
+
+@dataclass(frozen=True)
+class Page:
+    """Which page of a tag list: `n` entries after `last`, and any continuation parameters
+    an upstream put in its own next-page link (quay.io's `next_page` token), all optional."""
+
+    n: int | None = None
+    last: str | None = None
+    extra: tuple[tuple[str, str], ...] = ()
+
+    def query(self) -> list[tuple[str, str]]:
+        first = [(k, str(v)) for k, v in (("n", self.n), ("last", self.last)) if v is not None]
+        return first + list(self.extra)
+
+
+def parse_page(query: MultiMapping[str]) -> Page:
+    """The page a query asks for (`ns`, the mirror's own, left out).
+
+    Raises PAGINATION_NUMBER_INVALID (400) for an `n` that is not a number up to PAGE_MAX,
+    and for parameters too long or too many to be a page.
+    """
+    n, last = query.get("n"), query.get("last")
+    if n is not None and not (n.isascii() and n.isdigit() and len(n) <= 6 and int(n) <= PAGE_MAX):
+        raise RegistryError("PAGINATION_NUMBER_INVALID", 400,
+                            f"invalid n={n[:20]!r}: expected a number of tags from 0 to {PAGE_MAX}")
+    extra = tuple((k, v) for k, v in query.items() if k not in ("n", "last", "ns"))
+    if len(extra) > EXTRA_MAX or any(len(k) + len(v) > VALUE_MAX for k, v in (*extra, ("last", last or ""))):
+        raise RegistryError("PAGINATION_NUMBER_INVALID", 400,
+                            f"too many or too long query parameters for a tag list page (at most {EXTRA_MAX} extra,"
+                            f" {VALUE_MAX} characters each)")
+    return Page(int(n) if n is not None else None, last, extra)
+
+
+def next_page(link: str | None, upstream_url: str, repo: str) -> Page | None:
+    """The next page upstream's `Link` header points at, or None.
+
+    Accepts what registries send: `</v2/<repo>/tags/list?last=x&n=100>; rel="next"`, an
+    absolute URL on the upstream's own origin, no `rel` at all (quay.io), continuation
+    parameters (kept, for the client to bring back). Anything else — another host or scheme, another repository or endpoint, a
+    `rel` other than next, a bad `n`, garbage — is None: the mirror never follows or relays it.
+    """
+    if not link:
+        return None
+    for target, params in _links(link):
+        rels = params.get("rel", "next").lower().split()
+        if "next" not in rels:
+            continue
+        base = URL(upstream_url)
+        try:
+            url = (base / f"v2/{repo}/tags/list").join(URL(target))
+        except (ValueError, TypeError):
+            return None
+        origin = lambda u: (u.scheme, (u.host or "").lower(), u.port)  # noqa: E731
+        if origin(url) != origin(base) or url.path != f"{base.path.rstrip('/')}/v2/{repo}/tags/list":
+            return None
+        try:
+            page = parse_page(url.query)
+        except RegistryError:
+            return None
+        return page if page.last is not None or page.extra else None  # without them it is this page again
+    return None
+
+
+def _links(header: str) -> list[tuple[str, dict[str, str]]]:
+    """The `<target>; name=value; …` entries of a Link header (RFC 8288), leniently: entries
+    are split only before a `<`, so a comma inside a target does not cut it."""
+    found = []
+    for entry in _ENTRY_SPLIT.split(header):
+        match = _ENTRY.fullmatch(entry)
+        if match is None:
+            continue
+        target, rest = match.groups()
+        params = {}
+        for param in rest.split(";")[1:]:
+            name, eq, value = param.partition("=")
+            if name.strip() and eq:
+                params[name.strip().lower()] = value.strip().strip('"')
+        found.append((target.strip(), params))
+    return found
+
+
+def mirror_link(name: str, ns: str | None, page: Page) -> str:
+    """The `Link` header a client gets: the next page on this mirror, routed as it routed this one."""
+    query = page.query() + ([("ns", ns)] if ns is not None else [])
+    return f'<{URL.build(path=f"/v2/{name}/tags/list", query=query)}>; rel="next"'
 
 
 class TagListService:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
-        self._last: LRUCache[tuple[str, str, str, str], tuple[float, bytes, str | None]] = LRUCache(10_000)
+        self._last: LRUCache[tuple[str, str, Page, str], tuple[float, bytes, Page | None]] = LRUCache(10_000)
 
     async def get(
-        self, upstream: Upstream, repo: str, query: str, creds: Credentials | None
-    ) -> tuple[bytes, str | None, str]:
-        """(body, Link header, result) for `/v2/<repo>/tags/list?<query>`, cached per principal."""
-        key = (upstream.name, repo, query, fingerprint(creds))
+        self, upstream: Upstream, repo: str, page: Page, creds: Credentials | None
+    ) -> tuple[bytes, Page | None, str]:
+        """(body, next page or None, result) for `/v2/<repo>/tags/list`, cached per principal.
+
+        Raises RegistryError: upstream's refusal, or its outage when nothing is cached.
+        """
+        key = (upstream.name, repo, page, fingerprint(creds))
         last = self._last.get(key)
         if last and self.clock() - last[0] < FRESH_FOR:
             return last[1], last[2], "hit"
         try:
-            body, link = await upstream.get_tags(repo, query, creds)
+            body, link = await upstream.get_tags(repo, URL.build(query=page.query()).raw_query_string, creds)
         except UpstreamError as exc:
             if exc.outage and last:
                 return last[1], last[2], "stale"
             raise exc.to_registry_error("NAME_UNKNOWN") from None
-        self._last[key] = (self.clock(), body, link)
-        return body, link, "miss"
+        following = next_page(link, upstream.url, repo)
+        self._last[key] = (self.clock(), body, following)
+        return body, following, "miss"

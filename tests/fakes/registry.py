@@ -22,6 +22,7 @@ from typing import Literal, NamedTuple
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDict
+from yarl import URL
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -37,7 +38,7 @@ _INDEX_TYPES = {"list": DOCKER_LIST, "oci-index": OCI_INDEX}
 _STATUS_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 429: "TOOMANYREQUESTS", 503: "UNAVAILABLE"}
 RATELIMIT_WINDOW = 21600  # Docker Hub's window: 6 hours
 
-Kind = Literal["manifest", "blob", "tags", "base", "token", "cdn", "other"]
+Kind = Literal["manifest", "blob", "tags", "referrers", "base", "token", "cdn", "other"]
 
 
 def digest_of(data: bytes) -> str:
@@ -52,6 +53,7 @@ class Call(NamedTuple):
     kind: Kind
     headers: CIMultiDict[str]
     repo: str | None
+    query: str = ""  # as sent, still percent-encoded
 
 
 @dataclass
@@ -127,6 +129,11 @@ class FakeRegistry:
         self.chunk_size = 64 * 1024
         self.chunk_delay = 0.0  # seconds between blob chunks: a slow, streaming upstream
         self.drop_connection = False  # blob GETs close the connection after half the body
+        # tags/list pages with ?n=&last= as distribution does; the next page's Link, from (repo, last, n)
+        self.tags_link: Callable[[str, str, int], str] = lambda repo, last, n: (
+            f'<{URL.build(path=f"/v2/{repo}/tags/list", query={"last": last, "n": n})}>; rel="next"')
+        self.referrers_api = True  # False: /referrers/ answers 404, as registries without OCI 1.1 do
+        self.referrers_filter = True  # False: ?artifactType= is ignored (no OCI-Filters-Applied)
         self._app: web.Application | None = None
         self._runner: web.AppRunner | None = None
 
@@ -225,6 +232,7 @@ class FakeRegistry:
         app.router.add_get("/v2/{name:.+}/manifests/{ref}", self._manifest, name="manifest")
         app.router.add_get("/v2/{name:.+}/blobs/{digest}", self._blob, name="blob")
         app.router.add_get("/v2/{name:.+}/tags/list", self._tags, name="tags")
+        app.router.add_get("/v2/{name:.+}/referrers/{digest}", self._referrers, name="referrers")
         app.router.add_get("/token", self._token, name="token")
         app.router.add_get("/cdn/{digest}", self._cdn, name="cdn")
         app.on_response_prepare.append(self._api_version_header)
@@ -252,7 +260,8 @@ class FakeRegistry:
         """Record, then apply the faults and auth every /v2/ endpoint shares, in that order."""
         kind: Kind = request.match_info.route.name or "other"  # type: ignore[assignment]
         name = request.match_info.get("name")
-        self.requests.append(Call(request.method, request.path, kind, request.headers.copy(), name))
+        self.requests.append(Call(request.method, request.path, kind, request.headers.copy(), name,
+                                  request.rel_url.raw_query_string))
         while self.stall_before_headers:
             await asyncio.sleep(0.01)
         if request.path.startswith("/v2/"):
@@ -357,7 +366,29 @@ class FakeRegistry:
         name = request.match_info["name"]
         if (repository := self.repos.get(name)) is None:
             return oci_error(404, "NAME_UNKNOWN", f"repository {name} not known")
-        return web.json_response({"name": name, "tags": sorted(repository.tags)})
+        tags = sorted(t for t in repository.tags if t > request.query.get("last", ""))
+        n = int(request.query.get("n", len(tags) or 1))
+        headers = {"Link": self.tags_link(name, tags[n - 1], n)} if 0 < n < len(tags) else {}
+        return web.json_response({"name": name, "tags": tags[:n]}, headers=headers)
+
+    async def _referrers(self, request: web.Request) -> web.Response:
+        """OCI 1.1: the manifests whose `subject` is the digest, as an image index."""
+        name, digest = request.match_info["name"], request.match_info["digest"]
+        if not self.referrers_api or (repository := self.repos.get(name)) is None:
+            return oci_error(404, "NAME_UNKNOWN", f"repository {name} not known")
+        wanted = request.query.get("artifactType") if self.referrers_filter else None
+        found = []
+        for ref_digest, (body, media_type) in repository.manifests.items():
+            doc = json.loads(body)
+            if (doc.get("subject") or {}).get("digest") != digest:
+                continue
+            kind = doc.get("artifactType") or doc.get("config", {}).get("mediaType")
+            if wanted is None or kind == wanted:
+                found.append({"mediaType": media_type, "digest": ref_digest, "size": len(body), "artifactType": kind,
+                              **({"annotations": doc["annotations"]} if "annotations" in doc else {})})
+        headers = {"OCI-Filters-Applied": "artifactType"} if wanted is not None else {}
+        return web.json_response({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": found},
+                                 content_type=OCI_INDEX, headers=headers)
 
     async def _blob(self, request: web.Request) -> web.StreamResponse:
         name, digest = request.match_info["name"], request.match_info["digest"]
