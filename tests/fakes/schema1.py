@@ -50,6 +50,17 @@ def sign(payload: bytes, key: ec.EllipticCurvePrivateKey | None = None, signatur
     return payload[:format_length] + b',\n   "signatures": ' + signed.encode() + tail
 
 
+def manifest_payload(repo: str, tag: str, layers: list[str]) -> dict[str, object]:
+    """An unsigned schema1 manifest for `layers` (base first), with the v1 history chain clients
+    check: entry i's `parent` is entry i+1's `id`, newest first, as `fsLayers` are."""
+    ids = [os.urandom(32).hex() for _ in layers]
+    history = [{"id": ids[i], **({"parent": ids[i + 1]} if i + 1 < len(ids) else {}),
+                **({"architecture": "amd64", "os": "linux"} if i == 0 else {})} for i in range(len(ids))]
+    return {"schemaVersion": 1, "name": repo, "tag": tag, "architecture": "amd64",
+            "fsLayers": [{"blobSum": d} for d in reversed(layers)],
+            "history": [{"v1Compatibility": json.dumps(entry)} for entry in history]}
+
+
 def payload_digest(payload: bytes) -> str:
     return "sha256:" + hashlib.sha256(payload).hexdigest()
 
@@ -58,11 +69,7 @@ def add_schema1_image(registry: FakeRegistry, repo: str, tag: str | None, layers
                       signed: bool = True) -> Manifest:
     """Store layers and a schema1 manifest for them (signed: `…v1+prettyjws`) under `tag`."""
     digests = [registry.add_blob(repo, os.urandom(2048)) for _ in range(layers)]
-    payload = json.dumps({
-        "schemaVersion": 1, "name": repo, "tag": tag or "latest", "architecture": "amd64",
-        "fsLayers": [{"blobSum": d} for d in reversed(digests)],
-        "history": [{"v1Compatibility": json.dumps({"id": os.urandom(32).hex()})} for _ in digests],
-    }, indent=3).encode()
+    payload = json.dumps(manifest_payload(repo, tag or "latest", digests), indent=3).encode()
     body = sign(payload) if signed else payload
     media_type = SCHEMA1_SIGNED if signed else SCHEMA1
     digest = registry.add_manifest(repo, body, media_type, tag, digest=payload_digest(payload))

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 from urllib.parse import quote, urljoin, urlsplit
 
+from tests.fakes import schema1
 from tests.fakes.token_server import Scope
 from tests.integration.registry import UpstreamRegistry
 
@@ -105,6 +106,26 @@ def push_image(
         body = _json({"schemaVersion": 2, "mediaType": media_type, "manifests": entries})
         digest = pusher.put_manifest(tag, media_type, body)
         return PushedImage(repo, tag, digest, media_type, body, (), children)
+
+
+def push_schema1(upstream: UpstreamRegistry, repo: str, tag: str, layers: int = 2) -> PushedImage:
+    """Push layers and a signed schema1 manifest for them (distribution checks the signature);
+    the digest is the registry's, which covers the signed payload."""
+    with _Pusher(upstream, repo) as pusher, tempfile.TemporaryDirectory(prefix="image-") as tmp:
+        blobs = []
+        for _ in range(layers):
+            path = Path(tmp) / f"layer-{secrets.token_hex(4)}.tar.gz"
+            digest, size, _diff_id = _write_layer(path, 4096)
+            pusher.push_blob(path, digest, size)
+            blobs.append(Blob(digest, size, DOCKER_LAYER))
+        payload = _json(schema1.manifest_payload(repo, tag, [b.digest for b in blobs]))
+        body = schema1.sign(payload)
+        response = pusher.request("PUT", f"/v2/{repo}/manifests/{tag}", expect=201, body=body,
+                                  headers={"Content-Type": schema1.SCHEMA1_SIGNED})
+        digest = response.headers["Docker-Content-Digest"]
+        if digest != schema1.payload_digest(payload):
+            raise AssertionError(f"registry computed {digest}, not the payload's {schema1.payload_digest(payload)}")
+        return PushedImage(repo, tag, digest, schema1.SCHEMA1_SIGNED, body, tuple(blobs))
 
 
 def put_manifest(upstream: UpstreamRegistry, repo: str, reference: str, media_type: str, body: bytes) -> str:

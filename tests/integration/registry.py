@@ -121,6 +121,8 @@ class UpstreamRegistry:
             "storage": {"filesystem": {"rootdirectory": str(storage)}, "delete": {"enabled": True}},
             # A fixed secret keeps upload URLs valid across stop()/start().
             "http": {"addr": self.host, "secret": secrets.token_hex(16)},
+            # quay.io and old Docker Hub images are signed schema1; distribution verifies and keeps them
+            "compatibility": {"schema1": {"enabled": True}},
             "auth": {
                 "token": {
                     "realm": self.token_server.realm,
