@@ -16,7 +16,7 @@ from mirror.proxy.tags import TagListService, mirror_link, parse_page
 from mirror.proxy.tokens import Grant, TokenService, challenge, client_credentials
 from mirror.upstream.auth import Credentials
 from mirror.upstream.client import Upstream
-from mirror.reference import parse_digest, parse_reference
+from mirror.reference import ManifestRef, parse_digest, parse_reference
 from mirror.routing import Router
 from mirror.requestinfo import KIND, RESULT, client_scheme
 
@@ -73,7 +73,7 @@ async def manifest(request: web.Request) -> web.StreamResponse:
     request[KIND] = "manifest"
     _read_only(request)
     upstream, repo, principal = _target(request)
-    ref = parse_reference(request.match_info["reference"])
+    ref = _manifest_reference(request.match_info["reference"])
     answer = await _services(request).manifests.get(upstream, repo, ref, request.headers.getall("Accept", []), principal)
     request[RESULT] = answer.result
     _count_hit(request, upstream, repo)
@@ -85,6 +85,17 @@ async def manifest(request: web.Request) -> web.StreamResponse:
     if f'"{answer.digest}"' in request.headers.get("If-None-Match", ""):
         return web.Response(status=304, headers=headers)
     return web.Response(body=answer.body, headers=headers)
+
+
+def _manifest_reference(reference: str) -> ManifestRef:
+    """A tag or digest; a tag no registry could hold is unknown (404), as distribution answers
+    (the OCI conformance suite asks for `.INVALID_MANIFEST_NAME` and expects 404)."""
+    try:
+        return parse_reference(reference)
+    except RegistryError as err:
+        if err.code != "TAG_INVALID":
+            raise
+        raise RegistryError("MANIFEST_UNKNOWN", 404, err.message) from None
 
 
 async def blob(request: web.Request) -> web.StreamResponse:

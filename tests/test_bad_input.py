@@ -91,14 +91,14 @@ BAD_REQUESTS = [  # (target, status, code)
     ("/v2/" + "a" * 300 + "/tags/list", 400, "NAME_INVALID"),
     ("/v2/" + "a/" * 2000 + "manifests/latest", 400, "NAME_INVALID"),
     ("/v2/..%2f..%2fetc/tags/list", 400, "NAME_INVALID"),
-    # tags
-    ("/v2/library/app/manifests/.hidden", 400, "TAG_INVALID"),
-    ("/v2/library/app/manifests/..", 400, "TAG_INVALID"),
-    ("/v2/library/app/manifests/%2e%2e", 400, "TAG_INVALID"),
-    ("/v2/library/app/manifests/..%2f..%2fetc", 400, "TAG_INVALID"),
-    ("/v2/library/app/manifests/la%00test", 400, "TAG_INVALID"),
-    ("/v2/library/app/manifests/" + "t" * 129, 400, "TAG_INVALID"),
-    ("/v2/library/app/manifests/" + "t" * 5000, 400, "TAG_INVALID"),
+    # tags no registry could hold are unknown, as distribution answers (OCI conformance: 404)
+    ("/v2/library/app/manifests/.hidden", 404, "MANIFEST_UNKNOWN"),
+    ("/v2/library/app/manifests/..", 404, "MANIFEST_UNKNOWN"),
+    ("/v2/library/app/manifests/%2e%2e", 404, "MANIFEST_UNKNOWN"),
+    ("/v2/library/app/manifests/..%2f..%2fetc", 404, "MANIFEST_UNKNOWN"),
+    ("/v2/library/app/manifests/la%00test", 404, "MANIFEST_UNKNOWN"),
+    ("/v2/library/app/manifests/" + "t" * 129, 404, "MANIFEST_UNKNOWN"),
+    ("/v2/library/app/manifests/" + "t" * 5000, 404, "MANIFEST_UNKNOWN"),
     # digests
     ("/v2/library/app/blobs/sha512:" + "ab" * 64, 400, "DIGEST_INVALID"),
     ("/v2/library/app/blobs/md5:" + "a" * 32, 400, "DIGEST_INVALID"),
@@ -124,7 +124,10 @@ BAD_REQUESTS = [  # (target, status, code)
     (f"/v2/localhost/x/blobs/{DIGEST}", 404, "NAME_UNKNOWN"),
     ("/v2/x/manifests/latest?ns=evil.example.com", 404, "NAME_UNKNOWN"),
     ("/v2/x/manifests/latest?ns=127.0.0.1", 404, "NAME_UNKNOWN"),
-    ("/v2/x/manifests/latest?ns=docker.io:443", 400, "NAME_INVALID"),
+    ("/v2/x/manifests/latest?ns=docker.io:444", 404, "NAME_UNKNOWN"),
+    ("/v2/evil.example.com/x/manifests/latest?ns=docker.io", 404, "NAME_UNKNOWN"),
+    ("/v2/ghcr.io/x/manifests/latest?ns=docker.io", 404, "NAME_UNKNOWN"),  # ghcr.io is not configured here
+    ("/v2/docker.io/x/manifests/latest?ns=docker.io:", 400, "NAME_INVALID"),
     ("/v2/x/manifests/latest?ns=docker.io%2fx", 400, "NAME_INVALID"),
     ("/v2/x/manifests/latest?ns=http://127.0.0.1:1", 400, "NAME_INVALID"),
     ("/v2/x/manifests/latest?ns=..%2f..", 400, "NAME_INVALID"),
@@ -149,7 +152,7 @@ async def test_bad_input_gets_a_4xx_oci_error_and_touches_nothing(
 async def test_head_with_bad_input_is_4xx(
         mirror: Mirror, fake_registry: FakeRegistry, opened: list[str], target: str) -> None:
     got, body = await _raw(mirror, target, method="HEAD")
-    assert got == 400 and body == b""
+    assert got in (400, 404) and body == b""
     assert fake_registry.requests == []
 
 
