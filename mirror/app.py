@@ -18,8 +18,10 @@ from mirror.metrics import Metrics, read_cache_usage
 from mirror.observe import METRICS, metrics_middleware
 from mirror.proxy.access import AccessPolicy
 from mirror.proxy.blobs import BlobService
+from mirror.proxy.catalog import CatalogService
 from mirror.proxy.inflight import Inflight
 from mirror.proxy.manifests import ManifestService
+from mirror.proxy.referrers import ReferrersService
 from mirror.proxy.tags import TagListService
 from mirror.proxy.tokens import TokenService
 from mirror.routing import Router
@@ -56,11 +58,14 @@ def make_app(config: Config, clock: Callable[[], float] = time.time, role: Worke
                  for name, cfg in config.upstreams.items()}
     inflight = Inflight(store, metrics, on_disk_full=lambda: evictor.wake(), local_only=secondary)
     access = AccessPolicy(metadata, clock)
+    router = Router(upstreams, config.server.default_upstream)
     services = routes.Services(
-        router=Router(upstreams, config.server.default_upstream),
+        router=router,
         manifests=ManifestService(store, metadata, access, metrics, clock),
         blobs=BlobService(store, metadata, inflight, access, clock),
         tags=TagListService(clock),
+        referrers=ReferrersService(access, clock),
+        catalog=CatalogService(metadata, router),
         tokens=TokenService(clock, role.token_key if role else None),
         metrics=metrics,
         public_url=config.server.public_url,

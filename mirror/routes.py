@@ -8,10 +8,13 @@ from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
 from mirror.errors import Handler, RegistryError, unsupported
+from mirror.mediatypes import OCI_INDEX
 from mirror.metrics import Metrics
 from mirror.proxy.access import Principal, principal_for
 from mirror.proxy.blobs import BlobService
+from mirror.proxy.catalog import CatalogService
 from mirror.proxy.manifests import ManifestService
+from mirror.proxy.referrers import ReferrersService
 from mirror.proxy.tags import TagListService, mirror_link, parse_page
 from mirror.proxy.tokens import Grant, TokenService, challenge, client_credentials
 from mirror.upstream.auth import Credentials
@@ -30,6 +33,8 @@ class Services:
     manifests: ManifestService
     blobs: BlobService
     tags: TagListService
+    referrers: ReferrersService
+    catalog: CatalogService
     tokens: TokenService
     metrics: Metrics
     public_url: str = ""
@@ -122,6 +127,27 @@ async def tags(request: web.Request) -> web.Response:
     request[RESULT] = result
     link = following and mirror_link(request.match_info["name"], request.query.get("ns"), following)
     return web.Response(body=body, content_type="application/json", headers={"Link": link} if link else {})
+
+
+async def referrers(request: web.Request) -> web.Response:
+    request[KIND] = "referrers"
+    _read_only(request)
+    upstream, repo, principal = _target(request)
+    digest = parse_digest(request.match_info["digest"])
+    answer = await _services(request).referrers.get(upstream, repo, digest, request.query.get("artifactType"), principal)
+    request[RESULT] = answer.result
+    headers = {"OCI-Filters-Applied": "artifactType"} if answer.filtered else {}
+    return web.Response(body=answer.body, content_type=OCI_INDEX, headers=headers)
+
+
+async def catalog(request: web.Request) -> web.Response:
+    """The cached repositories this client may read (see mirror.proxy.catalog)."""
+    request[KIND] = "catalog"
+    _read_only(request)
+    answer = await _services(request).catalog.list(principal_for(_client(request), _services(request).router.default),
+                                                    request.query)
+    return web.Response(body=answer.body, content_type="application/json",
+                        headers={"Link": answer.link} if answer.link else {})
 
 
 async def other_v2(request: web.Request) -> web.Response:
@@ -230,6 +256,8 @@ def setup(app: web.Application) -> None:
     r.add_route("*", r"/v2/{name:.+}/manifests/{reference}", manifest)
     r.add_route("*", r"/v2/{name:.+}/blobs/{digest:[^/]+}", blob)
     r.add_route("*", r"/v2/{name:.+}/tags/list", tags)
+    r.add_route("*", r"/v2/{name:.+}/referrers/{digest:[^/]+}", referrers)
+    r.add_route("*", "/v2/_catalog", catalog)
     r.add_route("*", r"/v2/{tail:.*}", other_v2)
     r.add_route("*", "/token", token)
     r.add_get("/healthz", healthz)

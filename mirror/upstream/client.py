@@ -497,6 +497,20 @@ class Upstream:
         for repo in repos:
             self._tokens.put(TokenKey(self.name, self.origin, f"repository:{repo}:pull", creds.fingerprint), token, None)
 
+    async def get_referrers(self, repo: str, digest: str, query: str, creds: Credentials | None) -> tuple[bytes, str]:
+        """The referrers index of `digest` (OCI 1.1) and upstream's `OCI-Filters-Applied` header.
+
+        `query` is already encoded (`artifactType=…` or empty). Raises UpstreamError, 404
+        included: that is how an upstream without the referrers API answers.
+        """
+        path = f"referrers/{digest}?{query}" if query else f"referrers/{digest}"
+        resp = await self.request("GET", repo, path, "referrers", creds,
+                                  {"Accept": "application/vnd.oci.image.index.v1+json"})
+        await self._raise_for(resp, f"referrers of {repo}@{digest}")
+        async with resp:
+            body = await self._read_small(resp, f"referrers of {repo}@{digest}")
+        return body, resp.headers.get("OCI-Filters-Applied", "")
+
 
 def _resolve(base: str, location: str) -> str | None:
     """`location` resolved against the URL that sent it (RFC 3986 §5: `/x`, `../x`, `//host/x`);
