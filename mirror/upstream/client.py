@@ -515,9 +515,11 @@ class Upstream:
 def _resolve(base: str, location: str) -> str | None:
     """`location` resolved against the URL that sent it (RFC 3986 §5: `/x`, `../x`, `//host/x`);
     None unless the result is an http(s) URL with a host."""
-    target = urljoin(base, location.strip())
-    parts = urlsplit(target)
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(urljoin(base, location.strip()))
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname or parts.port == 0:
+            return None
+    except ValueError:  # an unbalanced IPv6 bracket, a port that is not a number
         return None
     return parts._replace(fragment="").geturl()
 

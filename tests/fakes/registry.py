@@ -111,6 +111,9 @@ class FakeRegistry:
         self.expires_in = 300
         self.clock: Callable[[], float] = time.monotonic  # tests replace it to expire tokens
         self.tokens: dict[str, Token] = {}
+        self.token_realm: str | None = None  # the realm challenges name (None: this server's /token)
+        # the WWW-Authenticate lines sent for the Bearer challenge it is given (None: that one line)
+        self.www_authenticate: Callable[[str], list[str]] | None = None
         # CDN redirects
         self.redirect_blobs = False
         self.cdn_auth_headers: list[str | None] = []
@@ -297,13 +300,16 @@ class FakeRegistry:
             token = None  # expired: the client must come back with a new one
         if token is not None and (name is None or name in token.granted):
             return None
-        challenge = f'Bearer realm="{request.scheme}://{request.host}/token",service="fake"'
+        realm = self.token_realm or f"{request.scheme}://{request.host}/token"
+        challenge = f'Bearer realm="{realm}",service="fake"'
         if name is not None:
             challenge += f',scope="repository:{name}:pull"'
             if token is not None:
                 challenge += ',error="insufficient_scope"'
-        return oci_error(401, "UNAUTHORIZED", "authentication required",
-                         **{"WWW-Authenticate": challenge})
+        denied = oci_error(401, "UNAUTHORIZED", "authentication required")
+        for line in self.www_authenticate(challenge) if self.www_authenticate else [challenge]:
+            denied.headers.add("WWW-Authenticate", line)
+        return denied
 
     def _basic_user(self, credential: str) -> str | None:
         """The user whose Basic credentials these are, or None if they are absent or wrong."""
