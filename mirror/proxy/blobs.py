@@ -3,63 +3,44 @@
 Content present on disk but not yet linked to the requested repository is
 confirmed with one upstream HEAD in that repository before it is served, so a
 digest is never reachable through a repository upstream does not hold it in.
+Content stored as a manifest is confirmed the same way: the blob endpoint serves
+only what upstream serves as a blob (distribution does not serve manifests there).
+
+Every answer, from the cache or from upstream, has the ETag `"<digest>"` and honours
+If-None-Match, If-Range and Range: one range (206), several (206 multipart/byteranges)
+or none satisfiable (416), see `ranges`. Every answer has a Content-Length: when upstream
+sends a blob without one, the size comes from the descriptors of the repository's cached
+manifests, else from an upstream HEAD; only if neither knows it is the body chunked.
+With several worker processes, a secondary follows the primary's temp file for a miss of
+the whole blob or one range; several ranges of a miss come through the primary's socket
+(they are a table of contents: small).
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
-import re
+import os
 import time
-from typing import Callable
+from typing import Awaitable, BinaryIO, Callable, NamedTuple
 
 from aiohttp import web
+from cachetools import LRUCache
 
 from mirror.errors import RegistryError
+from mirror.proxy import ranges
 from mirror.proxy.access import AccessPolicy, Principal
 from mirror.proxy.inflight import Fetch, FetchFailed, Inflight
+from mirror.proxy.ranges import ByteRange, Multipart
 from mirror.storage.blobs import ContentStore
 from mirror.storage.metadata import Metadata
+from mirror.storage.sizes import descriptor_size
 from mirror.upstream.auth import Credentials
 from mirror.upstream.client import Upstream, UpstreamError
 from mirror.requestinfo import RESULT
 from mirror.workers import follow
 
 log = logging.getLogger("mirror.blobs")
-
-_RANGE_RE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")
-
-
-def parse_range(request: web.Request, size: int | None) -> tuple[int, int] | None:
-    """The single byte range asked for, as [start, end); None for the whole blob."""
-    header = request.headers.get("Range")
-    if header is None or size is None:
-        return None
-    m = _RANGE_RE.fullmatch(header.strip())
-    if not m or m.group(1) == m.group(2) == "":
-        raise _range_error(f"malformed Range header {header[:100]!r}: expected bytes=START-END", size)
-    first, last = m.group(1), m.group(2)
-    if first == "":  # a suffix: the last N bytes
-        start, stop = max(size - int(last), 0), size
-        if int(last) == 0:
-            start = size
-    else:
-        start, stop = int(first), size if last == "" else min(int(last) + 1, size)
-    if start >= size or start >= stop:
-        raise _range_error(f"range {header[:100]!r} is outside the blob's {size} bytes", size)
-    return start, stop
-
-
-def _range_error(message: str, size: int) -> RegistryError:
-    return RegistryError("RANGE_INVALID", 416, message, headers={"Content-Range": f"bytes */{size}"})
-
-
-class SentFile(web.FileResponse):
-    """A sendfile response that may be sent early (by the metrics middleware) and then returned."""
-
-    async def prepare(self, request: web.BaseRequest):  # type: ignore[no-untyped-def]
-        if self.prepared:
-            return self._payload_writer
-        return await super().prepare(request)
 
 
 def _headers(digest: str) -> dict[str, str]:
@@ -72,6 +53,99 @@ def _headers(digest: str) -> dict[str, str]:
     }
 
 
+class Plan(NamedTuple):
+    """An answer about a blob: status, headers, the body's length (None: not known, so
+    chunked) and the ranges of the blob it carries in order, framed by `multipart` if several."""
+
+    status: int
+    headers: dict[str, str]
+    length: int | None
+    parts: tuple[ByteRange, ...]
+    multipart: Multipart | None = None
+
+    def response(self) -> web.StreamResponse:
+        """The response without its body (a 304 is complete as it is)."""
+        if self.status == 304:
+            return web.Response(status=304, headers=self.headers)
+        resp = web.StreamResponse(status=self.status, headers=self.headers)
+        if self.length is not None:
+            resp.content_length = self.length
+        return resp
+
+    async def send(self, resp: web.StreamResponse, send_range: Callable[[int, int], Awaitable[None]]) -> None:
+        """The body: each range by `send_range(start, stop)`, after its multipart head."""
+        for i, part in enumerate(self.parts):
+            if self.multipart is not None:
+                await resp.write(self.multipart.heads[i])
+            await send_range(part.start, part.stop)
+        if self.multipart is not None:
+            await resp.write(self.multipart.tail)
+
+
+def plan(request: web.Request, digest: str, size: int | None) -> Plan:
+    """What to answer a GET or HEAD of a blob of `size` bytes (None: unknown) (RFC 9110 §13.2.2,
+    §14, §15.3.7); raises RegistryError RANGE_INVALID (416) for an unsatisfiable or malformed Range."""
+    headers = _headers(digest)
+    try:
+        selected = ranges.select(request, size, headers["ETag"])
+    except ranges.RangeNotSatisfiable as exc:
+        raise RegistryError("RANGE_INVALID", 416, str(exc), headers={"Content-Range": f"bytes */{size}"}) from None
+    if selected.status == 304:
+        return Plan(304, headers, None, ())
+    if selected.status == 200:
+        return Plan(200, headers, size, () if size is None else (ByteRange(0, size),))
+    assert size is not None
+    if len(selected.ranges) == 1:
+        (only,) = selected.ranges
+        headers["Content-Range"] = only.content_range(size)
+        return Plan(206, headers, only.stop - only.start, selected.ranges)
+    multipart = Multipart(selected.ranges, size)
+    headers["Content-Type"] = multipart.content_type
+    return Plan(206, headers, multipart.length, selected.ranges, multipart)
+
+
+class SentFile(web.StreamResponse):
+    """A stored blob sent as its plan says: ranges of the file by sendfile, multipart framing by write.
+
+    It may be sent early (by the metrics middleware) and then returned: preparing it again does nothing.
+    """
+
+    def __init__(self, file: BinaryIO, answer: Plan, head: bool) -> None:
+        super().__init__(status=answer.status, headers=answer.headers)
+        self.content_length = answer.length
+        self._file = file
+        self._plan = answer
+        self._head = head
+
+    async def prepare(self, request: web.BaseRequest):  # type: ignore[no-untyped-def]
+        if self.prepared:
+            return self._payload_writer
+        loop = asyncio.get_running_loop()
+
+        async def send_range(start: int, stop: int) -> None:
+            if request.transport is None:
+                raise ConnectionResetError("the client went away")
+            if stop > start:
+                await loop.sendfile(request.transport, self._file, start, stop - start)
+
+        try:
+            writer = await super().prepare(request)
+            if not self._head:
+                await self._plan.send(self, send_range)
+            await self.write_eof()
+            return writer
+        finally:
+            self._file.close()
+
+
+def _hashes_to(path: str, digest: str) -> bool:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest() == digest
+
+
 class BlobService:
     def __init__(
         self, store: ContentStore, metadata: Metadata, inflight: Inflight, access: AccessPolicy,
@@ -82,6 +156,8 @@ class BlobService:
         self.inflight = inflight
         self.access = access
         self.clock = clock
+        # (upstream, repository, digest) of content stored as a manifest that upstream serves as a blob there
+        self._served_as_blob: LRUCache[tuple[str, str, str], bool] = LRUCache(10_000)
 
     async def serve(
         self, request: web.Request, upstream: Upstream, repo: str, digest: str, principal: Principal
@@ -89,10 +165,12 @@ class BlobService:
         head = request.method == "HEAD"
         fetch = self.inflight.join(digest)
         try:
-            if fetch is None and (size := self.store.size(digest)) is not None:
+            if fetch is None and self.store.size(digest) is not None:
                 await self._allow(upstream, repo, digest, principal)
+                await self._a_blob_there(upstream, repo, digest, principal)
                 await self._linked(upstream, repo, digest, principal)
-                return self._hit(request, digest, size)
+                if (hit := self._hit(request, digest)) is not None:
+                    return hit
             if fetch is not None or not principal.fetches_as_itself:
                 await self._allow(upstream, repo, digest, principal)
             if fetch is None and head:
@@ -103,7 +181,8 @@ class BlobService:
                     await self._linked(upstream, repo, digest, principal)
                 return await self._stream(request, fetch, head)
             request[RESULT] = "miss"
-            fetch = self.inflight.start(upstream, repo, digest, principal.upstream, self._stored)
+            fetch = self.inflight.start(upstream, repo, digest, principal.upstream, self._stored,
+                                        lambda: self._size_of(upstream, repo, digest, principal.upstream))
             # upstream's answer to our GET tells whether it lets this principal read
             await self.access.observe(upstream, repo, principal, fetch.wait_started())
             return await self._stream(request, fetch, head)
@@ -129,24 +208,60 @@ class BlobService:
         await upstream.head_blob(repo, digest, creds)
         await self.metadata.link(upstream.name, repo, [digest])
 
-    def _hit(self, request: web.Request, digest: str, size: int) -> web.StreamResponse:
+    async def _a_blob_there(self, upstream: Upstream, repo: str, digest: str, principal: Principal) -> None:
+        """Stored content not known as a blob (a manifest, or a file whose row is not written yet)
+        is served through /blobs/ only where upstream serves it as a blob: one HEAD says so, or
+        raises UpstreamError (404 → BLOB_UNKNOWN). Manifests are linked to their repositories
+        too, so a link alone does not say it."""
+        key = (upstream.name, repo, digest)
+        kind = await self.metadata.content_kind(digest)
+        if kind == "blob" or key in self._served_as_blob:
+            return
+        await upstream.head_blob(repo, digest, principal.upstream)
+        # a signed schema1 manifest is stored with its signatures: those bytes are not the blob
+        if kind == "manifest" and not await asyncio.to_thread(_hashes_to, str(self.store.path(digest)), digest):
+            raise RegistryError("BLOB_UNKNOWN", 404, f"{digest} is cached as a signed manifest, not as this blob")
+        self._served_as_blob[key] = True
+
+    def _hit(self, request: web.Request, digest: str) -> web.StreamResponse | None:
+        """The stored file, as the request's conditionals and ranges select; None if it was just evicted."""
+        try:
+            file = open(self.store.path(digest), "rb")
+        except FileNotFoundError:
+            return None
+        try:
+            answer = plan(request, digest, os.fstat(file.fileno()).st_size)
+        except BaseException:
+            file.close()
+            raise
         request[RESULT] = "hit"
         self.metadata.touch(digest, self.clock())
-        parse_range(request, size)
-        headers = _headers(digest)
-        if f'"{digest}"' in request.headers.get("If-None-Match", ""):
-            return web.Response(status=304, headers=headers)
-        return SentFile(self.store.path(digest), headers=headers)
+        if answer.status == 304:
+            file.close()
+            return answer.response()
+        return SentFile(file, answer, request.method == "HEAD")
 
     async def _head_miss(
         self, request: web.Request, upstream: Upstream, repo: str, digest: str, principal: Principal
     ) -> web.StreamResponse:
         request[RESULT] = "miss"
         size = await self.access.observe(upstream, repo, principal, upstream.head_blob(repo, digest, principal.upstream))
-        resp = web.StreamResponse(status=200, headers=_headers(digest))
-        if size is not None:
-            resp.content_length = size
-        return resp
+        if size is None:
+            size = await descriptor_size(self.metadata, self.store, upstream.name, repo, digest)
+        return plan(request, digest, size).response()
+
+    async def _size_of(self, upstream: Upstream, repo: str, digest: str, creds: Credentials | None) -> int | None:
+        """The size of a blob upstream sends without Content-Length: what the repository's cached
+        manifests say, else what an upstream HEAD says; None if neither knows (then it goes out chunked)."""
+        size = await descriptor_size(self.metadata, self.store, upstream.name, repo, digest)
+        if size is None:
+            try:
+                size = await upstream.head_blob(repo, digest, creds)
+            except UpstreamError as exc:
+                log.info("no size for %s in %s: %s", digest, repo, exc)
+        if size is None:
+            log.warning("%s from %s/%s has no known size: sending it chunked", digest, upstream.name, repo)
+        return size
 
     async def _stored(self, fetch: Fetch) -> None:
         now = self.clock()
@@ -156,25 +271,27 @@ class BlobService:
     async def _stream(self, request: web.Request, fetch: Fetch, head: bool) -> web.StreamResponse:
         """Send the blob from the growing file: headers once upstream answered, bytes as they land.
 
-        Raises the UpstreamError of a fetch that upstream refused before sending anything.
+        A following secondary worker is sent progress instead of bytes, for the whole blob or
+        one range. Raises the UpstreamError of a fetch that upstream refused before sending anything.
         """
         await fetch.wait_started()
-        rng = parse_range(request, fetch.size)
-        resp = web.StreamResponse(status=206 if rng else 200, headers=_headers(fetch.digest))
-        start, end = rng or (0, fetch.size)
-        if rng:
-            resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{fetch.size}"
-        if end is not None:
-            resp.content_length = end - start
+        answer = plan(request, fetch.digest, fetch.size)
+        resp = answer.response()
+        if answer.status == 304:
+            return resp
         try:
-            if not head and end is not None and fetch.tmp_name and follow.wants_follow(request):
-                await follow.send_progress(request, resp, fetch, start, end)
+            if not head and len(answer.parts) == 1 and answer.multipart is None and fetch.tmp_name \
+                    and follow.wants_follow(request):
+                await follow.send_progress(request, resp, fetch, *answer.parts[0])
                 await resp.write_eof()
                 return resp
             await resp.prepare(request)
             if head:
                 return resp
-            await self._send(request, resp, fetch, start, end)
+            if answer.length is None:
+                await self._send(request, resp, fetch, 0, None)
+            else:
+                await answer.send(resp, lambda start, stop: self._send(request, resp, fetch, start, stop))
         except ConnectionError:
             return resp  # the client went away; the fetch goes on without it
         except FetchFailed as exc:

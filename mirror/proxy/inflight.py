@@ -177,6 +177,7 @@ class Fetch:
         return self.written if self.size is None else min(self.written, self.size - 1)
 
 OnStored = Callable[[Fetch], Awaitable[None]]
+SizeOf = Callable[[], Awaitable[int | None]]
 
 
 class Inflight:
@@ -203,14 +204,19 @@ class Inflight:
         return fetch.join() if fetch else None
 
     def start(
-        self, upstream: Upstream, repo: str, digest: str, creds: Credentials | None, on_stored: OnStored
+        self, upstream: Upstream, repo: str, digest: str, creds: Credentials | None, on_stored: OnStored,
+        size_of: SizeOf | None = None,
     ) -> Fetch:
-        """Start the fetch for `digest` as `creds` (the caller checked none is running) and join it."""
+        """Start the fetch for `digest` as `creds` (the caller checked none is running) and join it.
+
+        `size_of` is asked for the blob's size if upstream sends it without Content-Length:
+        readers then still get a length, and the bytes are checked against it.
+        """
         if self._local_only:
             raise NeedsPrimary()
         fetch = Fetch(digest, upstream.name, repo).join()
         self._fetches[digest] = fetch
-        task = asyncio.get_running_loop().create_task(self._run(fetch, upstream, creds, on_stored))
+        task = asyncio.get_running_loop().create_task(self._run(fetch, upstream, creds, on_stored, size_of))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return fetch
@@ -282,7 +288,8 @@ class Inflight:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _run(self, fetch: Fetch, upstream: Upstream, creds: Credentials | None, on_stored: OnStored) -> None:
+    async def _run(self, fetch: Fetch, upstream: Upstream, creds: Credentials | None, on_stored: OnStored,
+                   size_of: SizeOf | None) -> None:
         self._metrics.inflight_fetches.inc()
         error: BaseException | None = None
         writer: BlobWriter | None = None
@@ -290,8 +297,11 @@ class Inflight:
             resp = await upstream.open_blob(fetch.repo, fetch.digest, creds)
             _read_in_large_pieces(resp)
             async with resp:
-                writer = self._store.writer(fetch.digest, resp.content_length)
-                fetch._begin(writer, resp.content_length)
+                size = resp.content_length
+                if size is None and size_of is not None:
+                    size = await size_of()
+                writer = self._store.writer(fetch.digest, size)  # its commit checks the size too
+                fetch._begin(writer, size)
                 await self._pump(fetch, writer, resp.content)
                 self._metrics.upstream_bytes.labels(upstream.name).inc(writer.written)
             writer.verify()

@@ -1,4 +1,5 @@
-"""SQLite metadata (WAL): what content we hold, tags with their TTLs, and repository links.
+"""SQLite metadata (WAL): what content we hold, tags with their TTLs, repository links, and the
+sizes manifests give their parts.
 
 Hot lookups (tags, links) are served from in-memory caches in front of the
 database, and access times are batched, so a cache hit never waits on a write.
@@ -20,7 +21,7 @@ from cachetools import LRUCache
 log = logging.getLogger("mirror.metadata")
 
 T = TypeVar("T")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: descriptors (sizes of what manifests reference); version 1 databases are upgraded
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS content (
     digest TEXT PRIMARY KEY,
@@ -69,6 +70,13 @@ CREATE TABLE IF NOT EXISTS hits (
     count INTEGER NOT NULL,
     PRIMARY KEY (upstream, repo)
 );
+CREATE TABLE IF NOT EXISTS descriptors (
+    manifest TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    PRIMARY KEY (manifest, digest)
+);
+CREATE INDEX IF NOT EXISTS descriptors_digest ON descriptors (digest);
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 """
 
@@ -130,6 +138,7 @@ class Metadata:
         self._db: aiosqlite.Connection | None = None
         self._tags: LRUCache[tuple[str, str, str], TagRow] = LRUCache(cache_entries)
         self._links: LRUCache[tuple[str, str, str], bool] = LRUCache(cache_entries)
+        self._kinds: LRUCache[str, str] = LRUCache(cache_entries)
         self._access: dict[str, float] = {}
         self._hits: Counter[tuple[str, str]] = Counter()
         self._decisions: dict[tuple[str, str, str], tuple[bool, float, str]] = {}
@@ -158,6 +167,9 @@ class Metadata:
             raise SchemaTooNew(
                 f"{self.path} has schema version {row[0]}; this mirror understands up to {SCHEMA_VERSION}"
             )
+        elif row[0] < SCHEMA_VERSION:
+            # the script above created what later versions added; descriptors fill in as they are needed
+            await self.db.execute("UPDATE schema_version SET version=?", (SCHEMA_VERSION,))
         await self.db.commit()
         self.size = await self.total_size()
 
@@ -228,6 +240,14 @@ class Metadata:
             )
         await self.db.commit()
 
+    async def content_kind(self, digest: str) -> str | None:
+        """"blob" or "manifest" for stored content, None without a row; remembered, so a
+        cache hit asks the database once per digest."""
+        kind = self._kinds.get(digest)
+        if kind is None and (row := await self.get_content(digest)) is not None:
+            kind = self._kinds[digest] = row.kind
+        return kind
+
     @_coalesced
     @_serialized
     async def get_content(self, digest: str) -> ContentRow | None:
@@ -263,6 +283,40 @@ class Metadata:
         if found:
             self._links[key] = True
         return found
+
+    # -- descriptor sizes --------------------------------------------------------
+    @_coalesced
+    @_serialized
+    async def descriptor_size(self, upstream: str, repo: str, digest: str) -> int | None:
+        """The size (bytes) that manifests linked to the repository give `digest`, as far as
+        their descriptors were recorded (`add_descriptors`); None if none does."""
+        async with self.db.execute(
+            "SELECT d.size FROM descriptors d JOIN links l ON l.digest = d.manifest"
+            " WHERE d.digest=? AND l.upstream=? AND l.repo=? LIMIT 1",
+            (digest, upstream, repo),
+        ) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else None
+
+    @_serialized
+    async def undescribed_manifests(self, upstream: str, repo: str) -> list[str]:
+        """Stored manifests linked to the repository whose descriptors were not recorded yet."""
+        async with self.db.execute(
+            "SELECT c.digest FROM links l JOIN content c ON c.digest = l.digest"
+            " WHERE l.upstream=? AND l.repo=? AND c.kind='manifest'"
+            " AND NOT EXISTS (SELECT 1 FROM descriptors d WHERE d.manifest = c.digest)",
+            (upstream, repo),
+        ) as cur:
+            return [str(d) async for (d,) in cur]
+
+    @_serialized
+    async def add_descriptors(self, manifest: str, sizes: dict[str, int]) -> None:
+        """Record the sizes a stored manifest gives the content it references (digest → bytes).
+        Include the manifest's own size: it also marks the manifest as described."""
+        await self.db.executemany(
+            "INSERT OR IGNORE INTO descriptors VALUES (?, ?, ?)", [(manifest, d, n) for d, n in sizes.items()]
+        )
+        await self.db.commit()
 
     # -- access decisions -------------------------------------------------------
     async def get_access(self, upstream: str, repo: str, principal: str) -> tuple[bool, float, str] | None:
@@ -422,28 +476,11 @@ class Metadata:
         await self.db.executemany("DELETE FROM content WHERE digest=?", batch)
         await self.db.executemany("DELETE FROM links WHERE digest=?", batch)
         await self.db.executemany("DELETE FROM tags WHERE digest=?", batch)
+        await self.db.executemany("DELETE FROM descriptors WHERE manifest=?", batch)
         await self.db.commit()
+        for (digest,) in batch:
+            self._kinds.pop(digest, None)
         async with self.db.execute("SELECT COALESCE(SUM(size), 0) FROM content") as cur:
             self.size = int((await cur.fetchone() or (0,))[0])  # one query, not one per digest
         self._tags.clear()
         self._links.clear()
-
-    # -- catalog ------------------------------------------------------------------
-    @_serialized
-    async def readable_repositories(self, principal: str, open_upstreams: Iterable[str]) -> list[tuple[str, str]]:
-        """(upstream, repo) of repositories with cached content that `principal` (a fingerprint)
-        may read: upstream's last answer for it was yes (decisions not yet written count), or
-        the upstream is one of `open_upstreams`. Sorted."""
-        open_ = set(open_upstreams)
-        async with self.db.execute(
-            "SELECT DISTINCT l.upstream, l.repo, a.allowed FROM links l LEFT JOIN access a"
-            " ON a.upstream = l.upstream AND a.repo = l.repo AND a.principal = ?",
-            (principal,),
-        ) as cur:
-            rows = [(u, r, allowed) async for u, r, allowed in cur]
-        readable = set()
-        for upstream, repo, allowed in rows:
-            pending = self._decisions.get((upstream, repo, principal))
-            if upstream in open_ or (pending[0] if pending is not None else bool(allowed)):
-                readable.add((upstream, repo))
-        return sorted(readable)

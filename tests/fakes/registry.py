@@ -129,6 +129,7 @@ class FakeRegistry:
         self.omit_digest_header = False  # no Docker-Content-Digest on manifests
         self.manifest_content_type: str | None = None  # a CDN's generic type instead of the real one
         self.omit_content_length = False  # blob GET bodies sent chunked
+        self.omit_head_content_length = False  # blob HEADs answered without Content-Length
         self.chunk_size = 64 * 1024
         self.chunk_delay = 0.0  # seconds between blob chunks: a slow, streaming upstream
         self.drop_connection = False  # blob GETs close the connection after half the body
@@ -437,7 +438,8 @@ class FakeRegistry:
             response.set_status(206)
             response.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
             data = data[start:stop]
-        if self.omit_content_length and request.method == "GET":
+        if (self.omit_content_length and request.method == "GET") or (
+                self.omit_head_content_length and request.method == "HEAD"):
             response.enable_chunked_encoding()
         else:
             response.content_length = len(data)
