@@ -484,3 +484,23 @@ class Metadata:
             self.size = int((await cur.fetchone() or (0,))[0])  # one query, not one per digest
         self._tags.clear()
         self._links.clear()
+
+    # -- catalog ------------------------------------------------------------------
+    @_serialized
+    async def readable_repositories(self, principal: str, open_upstreams: Iterable[str]) -> list[tuple[str, str]]:
+        """(upstream, repo) of repositories with cached content that `principal` (a fingerprint)
+        may read: upstream's last answer for it was yes (decisions not yet written count), or
+        the upstream is one of `open_upstreams`. Sorted."""
+        open_ = set(open_upstreams)
+        async with self.db.execute(
+            "SELECT DISTINCT l.upstream, l.repo, a.allowed FROM links l LEFT JOIN access a"
+            " ON a.upstream = l.upstream AND a.repo = l.repo AND a.principal = ?",
+            (principal,),
+        ) as cur:
+            rows = [(u, r, allowed) async for u, r, allowed in cur]
+        readable = set()
+        for upstream, repo, allowed in rows:
+            pending = self._decisions.get((upstream, repo, principal))
+            if upstream in open_ or (pending[0] if pending is not None else bool(allowed)):
+                readable.add((upstream, repo))
+        return sorted(readable)
