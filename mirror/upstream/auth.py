@@ -104,7 +104,7 @@ class _Scanner:
 
     def quoted_string(self) -> str | None:
         """A quoted-string with its backslash escapes undone; None (cursor kept) if unterminated."""
-        start, out = self.pos, []
+        start, out = self.pos, list[str]()
         self.pos += 1  # the opening DQUOTE
         while not self.at_end():
             char = self.text[self.pos]
@@ -172,7 +172,7 @@ def parse_challenges(values: str | Iterable[str]) -> list[Challenge]:
     value, and nothing raises.
     """
     text = values if isinstance(values, str) else ", ".join(values)
-    scan, found = _Scanner(text), []
+    scan, found = _Scanner(text), list[Challenge]()
     current: Challenge | None = None
     while True:
         scan.list_separators()

@@ -254,13 +254,16 @@ class Upstream:
 
         Every 301/302/303/307/308 is followed with the same method (we only GET and HEAD);
         a relative `Location` is resolved against the URL that sent it (RFC 9110 §10.2.2).
-        Each hop carries only what its own origin issued (see `_authorized`). A Location
-        that was already visited is a loop; both it and too many hops raise UpstreamError (502).
+        Each hop carries only what its own origin issued (see `_authorized`), for the scope of
+        the last registry API path on the way (a download path keeps the scope that led to it).
+        A Location that was already visited is a loop; both it and too many hops raise
+        UpstreamError (502).
         """
-        visited = {url}
+        visited, scope = {url}, ""
         for _ in range(MAX_REDIRECTS + 1):
+            scope = api_scope(url) or scope
             if answer_challenges:
-                resp = await self._authorized(method, url, kind, creds, headers)
+                resp = await self._authorized(method, url, kind, creds, headers, scope)
             else:
                 resp = await self._send(method, url, kind, headers)
             location = resp.headers.get("Location")
@@ -279,16 +282,16 @@ class Upstream:
 
     async def _authorized(
         self, method: str, url: str, kind: str, creds: Credentials | None, headers: Mapping[str, str],
+        scope: str,
     ) -> aiohttp.ClientResponse:
-        """Send one hop with the token its origin issued (if any); on a 401, answer the origin's
-        challenge once and resend.
+        """Send one hop with the token its origin issued for `scope` (if any); on a 401, answer
+        the origin's challenge once and resend.
 
         `creds` are the registry's: they answer challenges of the upstream's own origin only;
         any other origin gets an anonymous token request, as containerd keeps credentials per host.
         """
-        key = TokenKey(self.name, origin(url), api_scope(url) or "", fingerprint(creds))
+        key = TokenKey(self.name, origin(url), scope, fingerprint(creds))
         hdrs = CIMultiDict(headers)
-        hdrs.popall("Authorization", None)
         if token := self._tokens.get(key):
             hdrs["Authorization"] = f"Bearer {token}"
         resp = await self._send(method, url, kind, hdrs)

@@ -51,7 +51,7 @@ class Seen(NamedTuple):
 
 
 def _record(log: list[Seen], request: web.Request) -> None:
-    log.append(Seen(request.method, request.path, request.query.copy(), request.headers.copy()))
+    log.append(Seen(request.method, request.path, MultiDict(request.query), request.headers.copy()))
 
 
 class Servers:

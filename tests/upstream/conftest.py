@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,7 +42,7 @@ def mirror_for(tmp_path: Path, aiohttp_client) -> MirrorFor:  # type: ignore[no-
     """`await mirror_for(url, **upstream settings)`: the mirror app, docker.io pointing at `url`,
     on an injected clock (as the `mirror` fixture, for any upstream)."""
 
-    async def start(url: str, **upstream: object) -> Mirror:
+    async def start(url: str, **upstream: Any) -> Mirror:
         clock = FakeClock()
         data_dir = tmp_path / f"data{len(list(tmp_path.glob('data*')))}"
         app = make_app(mirror_config(url, data_dir, **upstream), clock=clock)

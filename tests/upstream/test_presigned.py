@@ -212,3 +212,16 @@ async def test_kind2_storage_answering_html_gets_a_clear_error_and_caches_nothin
     assert 400 <= resp.status < 600 and resp.status != 500
     assert (await resp.json())["errors"][0]["code"]
     assert [p for p in (mirror.data_dir / "content").rglob("*") if p.is_file()] == []
+
+
+async def test_kind2_blob_head_through_the_mirror_on_presigned_storage(
+    s3_registry: Dialect, mirror_for: MirrorFor
+) -> None:
+    storage = s3_registry.storage
+    assert storage is not None
+    image = s3_registry.registry.add_image("group/app", "1", 1)
+    mirror = await mirror_for(s3_registry.url)
+    resp = await mirror.client.head(f"/v2/group/app/blobs/{image.layer_digests[0]}")
+    assert resp.status == 200
+    assert resp.headers["Content-Length"] == str(len(image.layers[0]))
+    assert storage.authorization_headers() == []

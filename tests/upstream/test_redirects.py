@@ -247,3 +247,52 @@ async def test_kind1_by_digest_cold_and_warm(k8s_registry: Dialect, mirror_for: 
         assert resp.status == 200
         assert "sha256:" + hashlib.sha256(await resp.read()).hexdigest() == image.digest
         assert regional.count("GET", "manifest") == gets
+
+
+class DownloadPath(FakeRegistry):
+    """A registry that sends blob GETs to `/download/<digest>` on its own origin, where the
+    token of the repository is required again (as Go clients keep it on same-host redirects)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.require_auth = True
+        self.download_auth: list[str | None] = []
+
+    def make_app(self) -> web.Application:
+        app = super().make_app()
+        app.middlewares.append(self._to_download)
+        app.router.add_get("/download/{digest}", self._download)
+        return app
+
+    @web.middleware
+    async def _to_download(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.match_info.route.name == "blob" and request.method == "GET":
+            return web.Response(status=307, headers={"Location": f"/download/{request.match_info['digest']}"})
+        return await handler(request)
+
+    async def _download(self, request: web.Request) -> web.StreamResponse:
+        authorization = request.headers.get("Authorization")
+        self.download_auth.append(authorization)
+        token = self.tokens.get((authorization or "").removeprefix("Bearer "))
+        if token is None:
+            return web.Response(status=401)
+        for name in token.granted:
+            if (data := self.repos[name].blobs.get(request.match_info["digest"])) is not None:
+                return web.Response(body=data)
+        return web.Response(status=404)
+
+
+async def test_kind1_a_download_path_on_the_same_origin_keeps_the_token(servers: Servers) -> None:
+    registry = DownloadPath()
+    url = await servers.serve(registry.app)
+    image = registry.add_image("team/app", "1", 1)
+    upstream = upstream_at(url)
+    try:
+        resp = await upstream.open_blob("team/app", image.layer_digests[0], None)
+        async with resp:
+            assert await resp.read() == image.layers[0]
+    finally:
+        await upstream.close()
+    (token,) = registry.tokens
+    assert registry.download_auth == [f"Bearer {token}"]
+    assert registry.count(kind="token") == 1

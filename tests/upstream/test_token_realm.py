@@ -86,7 +86,7 @@ async def test_kind8_stale_tag_is_served_while_the_realm_rate_limits(hub: Dialec
 async def test_kind8_registry_429_without_retry_after_still_carries_one(mirror: Mirror, fake_registry: FakeRegistry) -> None:
     image = fake_registry.add_image("library/alpine", "3", 1)
     fake_registry.rate_limited = True
-    fake_registry.retry_after = ""  # type: ignore[assignment]  (an empty header, as some proxies send)
+    fake_registry.retry_after = ""  # type: ignore[assignment]  # an empty header, as some proxies send
     resp = await mirror.client.get(f"/v2/library/alpine/blobs/{image.layer_digests[0]}")
     assert resp.status == 429 and resp.headers["Retry-After"] == str(int(DEFAULT_RETRY_AFTER))
 
