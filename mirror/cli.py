@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 from pathlib import Path
 
-from aiohttp import web
-
-from mirror import cachecli, clientconfig
+from mirror import cachecli, clientconfig, server
 from mirror import config as configuration
 from mirror.config import EXIT_CONFIG
 from mirror.observe import ACCESS_LOGGER, AccessLogger, setup_logging
@@ -128,16 +127,13 @@ def _serve(path: str | None, listen: str | None, data_dir: str | None) -> int:
     try:
         if cfg.server.workers > 1:
             return supervisor.serve(cfg, tls, host, port)
-        web.run_app(
-            make_app(cfg),
-            host=host,
-            port=port,
+        asyncio.run(server.serve(
+            make_app(cfg), host, port, tls,
+            lambda: logging.getLogger("mirror").info("listening on %s://%s:%d", scheme, host, port),
             access_log_class=AccessLogger,
             access_log=logging.getLogger(ACCESS_LOGGER),
             shutdown_timeout=cfg.server.shutdown_timeout,
-            ssl_context=tls,
-            print=lambda msg: logging.getLogger("mirror").info("listening on %s://%s:%d", scheme, host, port),
-        )
+        ))
     except (SchemaTooNew, DataDirBusy) as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -68,7 +68,7 @@ def error_response(err: RegistryError) -> web.Response:
     )
 
 
-_HTTP_CODES = {
+HTTP_CODES = {  # the OCI code of an error that has only an HTTP status
     400: "UNSUPPORTED",
     401: "UNAUTHORIZED",
     403: "DENIED",
@@ -76,6 +76,8 @@ _HTTP_CODES = {
     405: "UNSUPPORTED",
     416: "RANGE_INVALID",
     429: "TOOMANYREQUESTS",
+    503: "UNAVAILABLE",
+    504: "UNAVAILABLE",
 }
 
 
@@ -92,7 +94,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = _HTTP_CODES.get(exc.status, "UNKNOWN")
+        code = HTTP_CODES.get(exc.status, "UNKNOWN")
         message = exc.reason if exc.status != 404 else "not found"
         if exc.status == 405:
             message = "method not allowed"

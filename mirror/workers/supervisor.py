@@ -30,6 +30,7 @@ from prometheus_client import multiprocess
 from mirror.app import make_app
 from mirror.config import EXIT_CONFIG, Config
 from mirror.observe import ACCESS_LOGGER, AccessLogger, setup_logging
+from mirror.server import MirrorRunner
 from mirror.storage.lock import DataDirLock
 from mirror.storage.metadata import SchemaTooNew
 from mirror.workers.role import WorkerRole
@@ -272,7 +273,7 @@ def run_worker(config: Config, tls: ssl.SSLContext | None, role: WorkerRole, soc
 
 async def _serve_worker(config: Config, tls: ssl.SSLContext | None, role: WorkerRole,
                         sockets: list[socket.socket], ready_fd: int) -> None:
-    runner = web.AppRunner(
+    runner = MirrorRunner(
         make_app(config, role=role), access_log_class=AccessLogger.for_worker(role.index), access_log=logging.getLogger(ACCESS_LOGGER),
         shutdown_timeout=config.server.shutdown_timeout,
     )

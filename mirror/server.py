@@ -1,0 +1,97 @@
+"""The HTTP server: aiohttp's, except that requests its parser refuses get OCI error bodies.
+
+A request aiohttp cannot parse (a malformed request line, an invalid method, a header
+over the size limit) never reaches the application or its middlewares: aiohttp's
+connection handler answers it with a plain-text 400 itself. `RequestHandler.handle_error`
+is where it does, so the mirror's servers make their connections with a subclass that
+renders those answers — and any other the connection handler makes — as OCI JSON.
+Every server the mirror runs (one process, each worker, the tests' raw-socket server)
+is built by `MirrorRunner`.
+"""
+from __future__ import annotations
+
+import asyncio
+import signal
+import ssl
+from typing import Any, Callable
+
+from aiohttp import http_exceptions, web
+from aiohttp.web_protocol import RequestHandler
+
+from mirror.errors import HTTP_CODES, RegistryError, error_response
+
+
+class OciRequestHandler(RequestHandler):
+    """aiohttp's connection handler, answering its own errors with OCI error bodies."""
+
+    def handle_error(
+        self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None,
+    ) -> web.StreamResponse:
+        """`{"errors": [{"code", "message"}]}` with the status aiohttp chose, closing the connection.
+
+        Raises ConnectionError, as aiohttp does, when a response is already under way. A refused
+        request is logged at debug level (the access log has its line); a crash with its traceback.
+        """
+        if request.writer.output_size > 0:
+            raise ConnectionError("a response is already under way: cannot send an error instead")
+        if status >= 500:
+            self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
+            text = "internal error; see the mirror's log"
+        else:
+            text = f"malformed request: {_why(exc)}"
+            self.logger.debug("refused a request from %s: %s", request.remote, message)
+        response = error_response(RegistryError(HTTP_CODES.get(status, "UNKNOWN"), status, text))
+        response.force_close()
+        return response
+
+
+def _why(exc: BaseException | None) -> str:
+    """What was wrong, in words (aiohttp's own messages quote the client's bytes back)."""
+    for kind, why in _WHY:
+        if isinstance(exc, kind):
+            return why
+    return "it cannot be parsed as HTTP/1.1"
+
+
+_WHY: tuple[tuple[type[BaseException], str], ...] = (
+    (http_exceptions.LineTooLong, "the request line or a header is longer than the server accepts"),
+    (http_exceptions.BadHttpMethod, "invalid method"),
+    (http_exceptions.BadStatusLine, "invalid request line"),
+    (http_exceptions.InvalidURLError, "invalid request target"),
+    (http_exceptions.InvalidHeader, "invalid header"),
+    (http_exceptions.TransferEncodingError, "invalid Transfer-Encoding"),
+    (http_exceptions.ContentLengthError, "invalid Content-Length"),
+    (http_exceptions.BadHttpMessage, "invalid headers or too many of them"),
+)
+
+
+class _Server(web.Server):
+    def __call__(self) -> RequestHandler:
+        return OciRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class MirrorRunner(web.AppRunner):
+    """`web.AppRunner` whose server makes `OciRequestHandler` connections."""
+
+    async def _make_server(self) -> web.Server:
+        made = await super()._make_server()  # starts the application, as AppRunner does
+        return _Server(made.request_handler, request_factory=made.request_factory, **self._kwargs)
+
+
+async def serve(
+    app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None,
+    on_listening: Callable[[], None], **runner_args: Any,
+) -> None:
+    """Serve `app` on host:port until SIGTERM or SIGINT, then finish running responses and stop."""
+    runner = MirrorRunner(app, **runner_args)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        on_listening()
+        await stop.wait()
+    finally:
+        await runner.cleanup()
