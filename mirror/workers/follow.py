@@ -12,6 +12,10 @@ instead of the bytes:
 The secondary sends file stretches to its client with sendfile, as the primary
 would. If the fetch fails the primary cuts the stream short, and the secondary
 cuts its client off, so a bad blob reaches nobody whole.
+
+Only the whole blob or one range is followed. Several ranges (a multipart/byteranges
+answer: a zstd:chunked table of contents, or chunks of it) come whole through the
+socket, framing and bytes, as the primary writes them for its own clients.
 """
 from __future__ import annotations
 

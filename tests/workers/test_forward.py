@@ -22,6 +22,7 @@ from mirror.routes import SERVICES
 from mirror.workers import follow
 from mirror.workers.follow import TEMP_FILE
 from mirror.workers.role import WorkerRole
+from tests.byteranges import parse_byteranges
 from tests.conftest import mirror_config
 from tests.fakes.registry import FakeRegistry
 
@@ -185,3 +186,42 @@ async def test_a_temp_file_the_secondary_cannot_open_is_a_503_not_an_empty_200(
     monkeypatch.setattr(follow, "_open", gone)
     resp = await group.secondary.get(f"/v2/library/app/blobs/sha256:{hashlib.sha256(layer).hexdigest()}")
     assert resp.status == 503 and (await resp.json())["errors"][0]["code"] == "UNAVAILABLE"
+
+
+async def test_kind10_several_ranges_of_a_miss_through_a_secondary(group: Group, fake_registry: FakeRegistry) -> None:
+    layer = os.urandom(1 << 20)
+    fake_registry.add_image("library/app", "v1", [layer])
+    fake_registry.stall = stall = asyncio.Event()  # the fetch is running while the parts are asked for
+    digest = "sha256:" + hashlib.sha256(layer).hexdigest()
+    path = f"/v2/library/app/blobs/{digest}"
+    header, want = "bytes=10-19,1000000-1048575", [(10, 20), (1_000_000, 1 << 20)]
+    pending = asyncio.ensure_future(group.secondary.get(path, headers={"Range": header}))
+    while fake_registry.count("GET", "blob") == 0:  # the primary's fetch has begun, and stalls
+        await asyncio.sleep(0.01)
+    stall.set()
+    resp = await asyncio.wait_for(pending, 10)
+    body = await asyncio.wait_for(resp.read(), 10)
+    assert resp.status == 206 and int(resp.headers["Content-Length"]) == len(body)
+    assert resp.headers["ETag"] == f'"{digest}"'
+    assert parse_byteranges(resp.headers["Content-Type"], body) == [
+        ("application/octet-stream", f"bytes {a}-{b - 1}/{len(layer)}", layer[a:b]) for a, b in want]
+    assert group.primary_requests == [path] and group.followed == []  # the parts came through the socket
+    head = await group.secondary.head(path, headers={"Range": header})
+    assert head.status == 206 and head.headers["Content-Length"] == resp.headers["Content-Length"]
+    assert fake_registry.count("GET", "blob") == 1
+
+
+async def test_kind10_several_ranges_of_a_hit_are_served_by_the_secondary(group: Group, fake_registry: FakeRegistry) -> None:
+    layer = os.urandom(100_000)
+    fake_registry.add_image("library/app", "v1", [layer])
+    digest = "sha256:" + hashlib.sha256(layer).hexdigest()
+    path = f"/v2/library/app/blobs/{digest}"
+    assert await (await group.secondary.get(path)).read() == layer
+    await group.primary[SERVICES].blobs.inflight.idle()
+    await group.settled()
+    resp = await group.secondary.get(path, headers={"Range": "bytes=0-9, -10", "If-Range": f'"{digest}"'})
+    assert resp.headers["X-Mirror-Cache"] == "hit"
+    assert parse_byteranges(resp.headers["Content-Type"], await resp.read()) == [
+        ("application/octet-stream", "bytes 0-9/100000", layer[:10]),
+        ("application/octet-stream", "bytes 99990-99999/100000", layer[-10:])]
+    assert group.primary_requests == [path]  # only the first, cold request reached the primary
