@@ -28,7 +28,7 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from aiohttp import web
@@ -295,7 +295,7 @@ class Dialect:
     realm: TokenRealm | None = None
     front: Redirector | None = None
     storage: PresignedStorage | None = None
-    prefix: str = field(default="")
+    prefix: str = ""
 
     def content_repo(self, repo: str) -> str:
         """Where the content of `repo` (as clients name it) lives on `registry`."""

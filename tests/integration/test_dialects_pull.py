@@ -8,8 +8,9 @@ subprocess whose docker.io upstream is the dialect's front URL.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,14 +20,14 @@ from tests.integration.mirror_process import MirrorProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
-DIALECTS: dict[str, Callable[[Servers], object]] = {"k8s": k8s, "s3": s3}
+DIALECTS: dict[str, Callable[[Servers], Coroutine[Any, Any, Dialect]]] = {"k8s": k8s, "s3": s3}
 
 
 @pytest.fixture(params=sorted(DIALECTS))
 def dialect(request: pytest.FixtureRequest) -> Iterator[Dialect]:
     """A dialect served from threads on 127.0.0.1, so it answers while skopeo runs."""
     build = DIALECTS[request.param]
-    running: Dialect = asyncio.run(build(Servers(threaded=True)))  # type: ignore[arg-type]
+    running = asyncio.run(build(Servers(threaded=True)))
     yield running
     asyncio.run(running.close())
 
