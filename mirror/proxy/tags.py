@@ -66,8 +66,9 @@ def next_page(link: str | None, upstream_url: str, repo: str) -> Page | None:
 
     Accepts what registries send: `</v2/<repo>/tags/list?last=x&n=100>; rel="next"`, an
     absolute URL on the upstream's own origin, no `rel` at all (quay.io), continuation
-    parameters (kept, for the client to bring back). Anything else — another host or scheme, another repository or endpoint, a
-    `rel` other than next, a bad `n`, garbage — is None: the mirror never follows or relays it.
+    parameters (kept, for the client to bring back). Anything else — another host, scheme or
+    port, another repository or endpoint, a `rel` other than next, a bad `n`, garbage — is
+    None: the mirror never follows or relays it.
     """
     if not link:
         return None
@@ -80,8 +81,7 @@ def next_page(link: str | None, upstream_url: str, repo: str) -> Page | None:
             url = (base / f"v2/{repo}/tags/list").join(URL(target))
         except (ValueError, TypeError):
             return None
-        origin = lambda u: (u.scheme, (u.host or "").lower(), u.port)  # noqa: E731
-        if origin(url) != origin(base) or url.path != f"{base.path.rstrip('/')}/v2/{repo}/tags/list":
+        if _origin(url) != _origin(base) or url.path != f"{base.path.rstrip('/')}/v2/{repo}/tags/list":
             return None
         try:
             page = parse_page(url.query)
@@ -89,6 +89,10 @@ def next_page(link: str | None, upstream_url: str, repo: str) -> Page | None:
             return None
         return page if page.last is not None or page.extra else None  # without them it is this page again
     return None
+
+
+def _origin(url: URL) -> tuple[str, str, int | None]:
+    return url.scheme, (url.host or "").lower(), url.port
 
 
 def _links(header: str) -> list[tuple[str, dict[str, str]]]:
