@@ -217,7 +217,7 @@ def token_url(realm: str, service: str | None, scopes: Iterable[str]) -> str:
     Query parameters the realm already carries are kept as they are and ours are appended
     with `&`; a fragment is dropped. ValueError when the realm is not an absolute http(s) URL.
     """
-    parts = urlsplit(realm)
+    parts = urlsplit(realm.strip())
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise ValueError(f"token realm {realm!r} is not an absolute http(s) URL")
     ours = urlencode([("scope", s) for s in scopes] + ([("service", service)] if service else []))

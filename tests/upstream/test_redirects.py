@@ -296,3 +296,14 @@ async def test_kind1_a_download_path_on_the_same_origin_keeps_the_token(servers:
     (token,) = registry.tokens
     assert registry.download_auth == [f"Bearer {token}"]
     assert registry.count(kind="token") == 1
+
+
+async def test_kind1_tags_list_through_the_mirror_follows_the_redirect(k8s_registry: Dialect, mirror_for: MirrorFor) -> None:
+    regional = k8s_registry.registry
+    image = regional.add_image(k8s_registry.content_repo("coredns/coredns"), "v1", 1)
+    regional.set_tag(k8s_registry.content_repo("coredns/coredns"), "v1.1", image.digest)
+    mirror = await mirror_for(k8s_registry.url)
+    resp = await mirror.client.get("/v2/coredns/coredns/tags/list")
+    assert resp.status == 200
+    assert (await resp.json())["tags"] == ["v1", "v1.1"]
+    assert regional.count(kind="token") == 1

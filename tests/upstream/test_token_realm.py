@@ -6,6 +6,7 @@ import email.utils
 
 import pytest
 
+from mirror.upstream.auth import Credentials
 from mirror.upstream.client import UpstreamError, retry_after_value
 from mirror.upstream.ratelimit import DEFAULT_RETRY_AFTER
 from tests.conftest import TAG_TTL, Mirror
@@ -83,6 +84,19 @@ async def test_kind8_stale_tag_is_served_while_the_realm_rate_limits(hub: Dialec
     assert len(hub.realm.requests) == 2
 
 
+async def test_kind8_a_login_while_the_realm_rate_limits_is_429_with_retry_after(
+    hub: Dialect, mirror_for: MirrorFor
+) -> None:
+    assert hub.realm is not None
+    hub.registry.users = {"alice": "alice-pw"}
+    hub.realm.rate_limited, hub.realm.retry_after = True, "45"
+    mirror = await mirror_for(hub.url)
+    resp = await mirror.client.get("/token", params={"service": "mirror", "scope": "repository:library/alpine:pull"},
+                                   headers={"Authorization": Credentials("alice", "alice-pw").basic})
+    assert resp.status == 429 and resp.headers["Retry-After"] == "45"
+    assert (await resp.json())["errors"][0]["code"] == "TOOMANYREQUESTS"
+
+
 async def test_kind8_registry_429_without_retry_after_still_carries_one(mirror: Mirror, fake_registry: FakeRegistry) -> None:
     image = fake_registry.add_image("library/alpine", "3", 1)
     fake_registry.rate_limited = True
@@ -144,7 +158,7 @@ async def test_kind5_a_realm_with_its_own_query_keeps_it(servers: Servers, mirro
 @pytest.mark.parametrize(("lines", "status"), [
     ([""], 401), (['"'], 401), (["Bearer"], 401), (["Bearer realm="], 401), (['Bearer realm="'], 401),
     (["Negotiate abc=="], 401), (['Bearer ="x", "Bearer" realm="x"'], 401), ([",,,"], 401), (['Bearer service="no realm"'], 401),
-    (['Bearer realm="/relative/token"'], 502), (['Bearer realm="ftp://127.0.0.1/token"'], 502),
+    (['Bearer realm="/relative/token"'], 502), (['Bearer realm=" "'], 502), (['Bearer realm="ftp://127.0.0.1/token"'], 502),
     (['Bearer realm="http://127.0.0.1:1/token"'], 503),
 ])
 async def test_kind5_garbage_challenges_are_clean_failures(
