@@ -125,7 +125,7 @@ async def tags(request: web.Request) -> web.Response:
     page = parse_page(request.query)
     body, following, result = await _services(request).tags.get(upstream, repo, page, principal.upstream)
     request[RESULT] = result
-    link = following and mirror_link(request.match_info["name"], request.query.get("ns"), following)
+    link = mirror_link(request.match_info["name"], request.query.get("ns"), following) if following else None
     return web.Response(body=body, content_type="application/json", headers={"Link": link} if link else {})
 
 
@@ -144,8 +144,8 @@ async def catalog(request: web.Request) -> web.Response:
     """The cached repositories this client may read (see mirror.proxy.catalog)."""
     request[KIND] = "catalog"
     _read_only(request)
-    answer = await _services(request).catalog.list(principal_for(_client(request), _services(request).router.default),
-                                                    request.query)
+    svc = _services(request)
+    answer = await svc.catalog.list(principal_for(_client(request), svc.router.default), request.query)
     return web.Response(body=answer.body, content_type="application/json",
                         headers={"Link": answer.link} if answer.link else {})
 
