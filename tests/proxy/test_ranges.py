@@ -49,7 +49,7 @@ def test_a_zero_length_blob_satisfies_no_range() -> None:
 
 def test_more_ranges_than_the_cap_are_ignored() -> None:
     at_cap = "bytes=" + ",".join(f"{i * 10}-{i * 10 + 1}" for i in range(MAX_RANGES))
-    assert parse_ranges(at_cap, 100_000) is not None and len(parse_ranges(at_cap, 100_000) or ()) == MAX_RANGES
+    assert parse_ranges(at_cap, 100_000) == tuple(ByteRange(i * 10, i * 10 + 2) for i in range(MAX_RANGES))
     hundreds = "bytes=" + ",".join(f"{i * 10}-{i * 10 + 1}" for i in range(300))
     assert parse_ranges(hundreds, 100_000) is None
 
