@@ -97,6 +97,7 @@ async def test_index_parts_age_together(small_mirror: Mirror, fake_registry: Fak
     for image in (amd, arm):
         for d in (image.config_digest, *image.layer_digests):
             await (await small_mirror.client.get(f"/v2/library/multi/blobs/{d}")).read()
+    await small_mirror.settled()
     small_mirror.clock.advance(100)
     await small_mirror.client.get("/v2/library/multi/manifests/1", headers=ACCEPT)
     await small_mirror.services.blobs.metadata.flush()

@@ -28,10 +28,11 @@ def test_a_token_issued_by_one_worker_is_read_by_another_with_the_same_key() -> 
 def test_tokens_expire_and_each_kind_is_used_only_for_its_purpose() -> None:
     clock = Clock()
     tokens = TokenService(clock)
-    issued = tokens.issue(Grant(Credentials("bob", "pw")), offline=True)
+    issued = tokens.issue(Grant(Credentials("bob-the-builder", "s3cret-passw0rd")), offline=True)
     access, refresh = str(issued["access_token"]), str(issued["refresh_token"])
     assert tokens.refresh(access) is None and tokens.resolve(refresh) is None
-    assert "pw" not in access and "bob" not in access  # sealed, not merely encoded
+    # sealed, not merely encoded (strings long enough never to turn up in random base64 by chance)
+    assert "s3cret-passw0rd" not in access and "bob-the-builder" not in access
     clock.now += TOKEN_TTL - 1
     assert tokens.resolve(access) is not None  # remembered from here on ...
     clock.now += 2
