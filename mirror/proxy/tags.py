@@ -61,14 +61,16 @@ def parse_page(query: MultiMapping[str]) -> Page:
     return Page(int(n) if n is not None else None, last, extra)
 
 
-def next_page(link: str | None, upstream_url: str, repo: str) -> Page | None:
+def next_page(link: str | None, answered: str) -> Page | None:
     """The next page upstream's `Link` header points at, or None.
 
+    `answered` is the URL of the tag list that carried the header (after redirects: through
+    registry.k8s.io it is a regional host's, whose path names the repository its own way).
     Accepts what registries send: `</v2/<repo>/tags/list?last=x&n=100>; rel="next"`, an
-    absolute URL on the upstream's own origin, no `rel` at all (quay.io), continuation
-    parameters (kept, for the client to bring back). Anything else — another host, scheme or
-    port, another repository or endpoint, a `rel` other than next, a bad `n`, garbage — is
-    None: the mirror never follows or relays it.
+    absolute URL on that origin, no `rel` at all (quay.io), continuation parameters (kept,
+    for the client to bring back). Anything else — another host, scheme or port, another
+    repository or endpoint, a `rel` other than next, a bad `n`, garbage — is None: the
+    mirror never follows or relays it.
     """
     if not link:
         return None
@@ -76,12 +78,12 @@ def next_page(link: str | None, upstream_url: str, repo: str) -> Page | None:
         rels = params.get("rel", "next").lower().split()
         if "next" not in rels:
             continue
-        base = URL(upstream_url)
+        base = URL(answered).with_query(None).with_fragment(None)
         try:
-            url = (base / f"v2/{repo}/tags/list").join(URL(target))
+            url = base.join(URL(target))
         except (ValueError, TypeError):
             return None
-        if _origin(url) != _origin(base) or url.path != f"{base.path.rstrip('/')}/v2/{repo}/tags/list":
+        if _origin(url) != _origin(base) or url.path != base.path:
             return None
         try:
             page = parse_page(url.query)
@@ -136,11 +138,11 @@ class TagListService:
         if last and self.clock() - last[0] < FRESH_FOR:
             return last[1], last[2], "hit"
         try:
-            body, link = await upstream.get_tags(repo, URL.build(query=page.query()).raw_query_string, creds)
+            body, link, answered = await upstream.get_tags(repo, URL.build(query=page.query()).raw_query_string, creds)
         except UpstreamError as exc:
             if exc.outage and last:
                 return last[1], last[2], "stale"
             raise exc.to_registry_error("NAME_UNKNOWN") from None
-        following = next_page(link, upstream.url, repo)
+        following = next_page(link, answered)
         self._last[key] = (self.clock(), body, following)
         return body, following, "miss"

@@ -464,14 +464,15 @@ class Upstream:
             raise UpstreamError(self.name, 502, f"blob {digest}: unexpected status {resp.status}")
         return resp
 
-    async def get_tags(self, repo: str, query: str, creds: Credentials | None) -> tuple[bytes, str | None]:
-        """The tag list body and its `Link` header (pagination)."""
+    async def get_tags(self, repo: str, query: str, creds: Credentials | None) -> tuple[bytes, str | None, str]:
+        """The tag list body, its `Link` header (pagination) and the URL that answered (after
+        redirects: a `Link` is relative to it)."""
         path = f"tags/list?{query}" if query else "tags/list"
         resp = await self.request("GET", repo, path, "tags", creds)
         await self._raise_for(resp, f"tags of {repo}")
         async with resp:
             body = await self._read_small(resp, f"tags of {repo}")
-        return body, resp.headers.get("Link")
+        return body, resp.headers.get("Link"), str(resp.url)
 
     async def login(self, creds: Credentials, repos: list[str]) -> None:
         """Check `creds` the way upstream would: its realm must grant them a token.

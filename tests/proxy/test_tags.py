@@ -17,6 +17,7 @@ from tests.conftest import FakeClock, Mirror, mirror_config
 from tests.fakes.registry import FakeRegistry
 
 UP = "https://ghcr.example:8443"
+LIST = f"{UP}/v2/org/app/tags/list"  # the tag list that carried the Link
 
 
 @pytest.fixture
@@ -143,13 +144,13 @@ async def test_kind6_ns_is_not_sent_upstream(two: Mirror, ghcr: FakeRegistry) ->
     '</v2/org/app/tags/list?last=b&n=2&foo>; rel="next"; title="page 2"',
 ])
 def test_kind6_next_page_forms(link: str) -> None:
-    page = next_page(link.format(up=UP), UP, "org/app")
+    page = next_page(link.format(up=UP), LIST)
     assert page is not None and (page.n, page.last) == (2, "b")
 
 
 def test_kind6_next_page_keeps_continuation_parameters() -> None:
     link = f"<{UP}/v2/org/app/tags/list?n=50&next_page=abc%3D%3D>"
-    page = next_page(link, UP, "org/app")
+    page = next_page(link, LIST)
     assert page == Page(50, None, (("next_page", "abc=="),))
     assert mirror_link("quay.io/org/app", None, page) == '</v2/quay.io/org/app/tags/list?n=50&next_page=abc%3D%3D>; rel="next"'
 
@@ -174,7 +175,7 @@ def test_kind6_next_page_keeps_continuation_parameters() -> None:
     "garbage", "", "<>", '<>; rel="next"', "<<<>>>", ";;;", "<http://[::1>; rel=next", '<http://%zz/>; rel="next"',
 ])
 def test_kind6_link_elsewhere_or_garbage_is_dropped(link: str) -> None:
-    assert next_page(link, UP, "org/app") is None
+    assert next_page(link, LIST) is None
 
 
 @pytest.mark.parametrize("link", [

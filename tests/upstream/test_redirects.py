@@ -68,7 +68,7 @@ async def test_kind1_head_and_tags_and_base_follow_the_redirect(k8s_registry: Di
         head = await upstream.head_manifest("pause", "3.9", "*/*", None)
         assert (head.digest, head.body) == (image.digest, None)
         assert await upstream.head_blob("pause", image.layer_digests[0], None) == len(image.layers[0])
-        body, _ = await upstream.get_tags("pause", "", None)
+        body, _, _ = await upstream.get_tags("pause", "", None)
         assert b'"3.9"' in body
         await upstream.login(Credentials("someone", "secret"), ["pause"])  # nothing to check them against
     finally:
@@ -307,3 +307,22 @@ async def test_kind1_tags_list_through_the_mirror_follows_the_redirect(k8s_regis
     assert resp.status == 200
     assert (await resp.json())["tags"] == ["v1", "v1.1"]
     assert regional.count(kind="token") == 1
+
+
+async def test_kind6_tag_pages_through_a_redirect_stay_on_the_mirror(k8s_registry: Dialect, mirror_for: MirrorFor) -> None:
+    """The regional host's `Link` names the repository its own way; the client still gets the
+    mirror's route and every page, in order."""
+    regional, repo = k8s_registry.registry, k8s_registry.content_repo("coredns/coredns")
+    image = regional.add_image(repo, "v1", 1)
+    for tag in ("v2", "v3", "v4", "v5"):
+        regional.set_tag(repo, tag, image.digest)
+    mirror = await mirror_for(k8s_registry.url)
+    seen, url = [], "/v2/coredns/coredns/tags/list?n=2"
+    while url:
+        resp = await mirror.client.get(url)
+        assert resp.status == 200, await resp.text()
+        seen += (await resp.json())["tags"]
+        link = resp.headers.get("Link")
+        url = link[1:link.index(">")] if link else ""
+        assert not url or url.startswith("/v2/coredns/coredns/tags/list?"), link
+    assert seen == ["v1", "v2", "v3", "v4", "v5"]
