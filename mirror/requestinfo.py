@@ -1,7 +1,7 @@
 """Typed per-request facts that handlers record and the access log and metrics read."""
 from aiohttp import web
 
-KIND = web.RequestKey("kind", str)  # manifest, blob, tags, base, other
+KIND = web.RequestKey("kind", str)  # manifest, blob, tags, referrers, catalog, base, other
 RESULT = web.RequestKey("result", str)  # hit, miss, stale, coalesced, denied, error
 FORWARDED = web.RequestKey("forwarded", bool)  # handed to the primary worker, which logs and counts it
 
