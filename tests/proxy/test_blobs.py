@@ -343,7 +343,9 @@ async def test_kind10_ranges_of_a_fetch_others_started(mirror: Mirror, fake_regi
     url = f"/v2/library/app/blobs/{digest}"
     whole = await mirror.client.get(url)
     ranged = asyncio.ensure_future(mirror.client.get(url, headers={"Range": "bytes=999990-,0-9"}))
-    await asyncio.sleep(0.05)
+    fetch = mirror.services.blobs.inflight._fetches[digest]
+    while fetch._readers < 2:  # the ranged request joined the stalled fetch
+        await asyncio.sleep(0.01)
     stall.set()
     resp = await asyncio.wait_for(ranged, 5)
     assert resp.headers["X-Mirror-Cache"] == "coalesced"
