@@ -1,6 +1,7 @@
 """Fixtures shared by the unit tests: a fake upstream, an injected clock, a mirror in front of them."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,3 +74,24 @@ async def mirror(fake_registry: FakeRegistry, tmp_path: Path, aiohttp_client) ->
     app = make_app(mirror_config(fake_registry.url, data_dir), clock=clock)
     client = await aiohttp_client(app)
     return Mirror(client, clock, app, data_dir)
+
+
+@pytest.fixture
+async def ghcr() -> AsyncIterator[FakeRegistry]:
+    """A second fake upstream, configured as ghcr.io by `mirror_with_ghcr`."""
+    registry = FakeRegistry()
+    await registry.start()
+    yield registry
+    await registry.close()
+
+
+async def mirror_with_ghcr(fake_registry: FakeRegistry, ghcr: FakeRegistry, tmp_path: Path, aiohttp_client,  # type: ignore[no-untyped-def]
+                           **ghcr_settings: object) -> Mirror:
+    """The mirror with docker.io (the default, `fake_registry`) and ghcr.io (`ghcr`)."""
+    assert fake_registry.url and ghcr.url
+    config = mirror_config(fake_registry.url, tmp_path / "data")
+    ghcr_config = UpstreamConfig("ghcr.io", ghcr.url, read_timeout=0.5, **ghcr_settings)  # type: ignore[arg-type]
+    config = dataclasses.replace(config, upstreams={**config.upstreams, "ghcr.io": ghcr_config})
+    clock = FakeClock()
+    app = make_app(config, clock=clock)
+    return Mirror(await aiohttp_client(app), clock, app, tmp_path / "data")

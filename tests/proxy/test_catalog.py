@@ -1,38 +1,15 @@
 """`/v2/_catalog`: the cached repositories the caller may read, named as the client addresses them, paginated."""
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from mirror.app import make_app
-from mirror.config import UpstreamConfig
-from tests.conftest import FakeClock, Mirror, mirror_config
+from tests.conftest import Mirror, mirror_with_ghcr
 from tests.fakes.registry import FakeRegistry
 
 ALICE = {"Authorization": aiohttp.encode_basic_auth("alice", "secret")}
-
-
-@pytest.fixture
-async def ghcr() -> AsyncIterator[FakeRegistry]:
-    registry = FakeRegistry()
-    await registry.start()
-    yield registry
-    await registry.close()
-
-
-async def _two(fake_registry: FakeRegistry, ghcr: FakeRegistry, tmp_path: Path, aiohttp_client,  # type: ignore[no-untyped-def]
-               share: bool = False) -> Mirror:
-    assert fake_registry.url and ghcr.url
-    config = mirror_config(fake_registry.url, tmp_path / "data")
-    upstreams = {**config.upstreams,
-                 "ghcr.io": UpstreamConfig("ghcr.io", ghcr.url, read_timeout=0.5, share_with_anonymous=share)}
-    clock = FakeClock()
-    app = make_app(dataclasses.replace(config, upstreams=upstreams), clock=clock)
-    return Mirror(await aiohttp_client(app), clock, app, tmp_path / "data")
 
 
 async def _pull(mirror: Mirror, name: str, headers: dict[str, str] | None = None) -> None:
@@ -49,7 +26,7 @@ async def _catalog(mirror: Mirror, query: str = "", headers: dict[str, str] | No
 
 async def test_kind12_catalog_lists_cached_repositories_as_clients_name_them(
         fake_registry: FakeRegistry, ghcr: FakeRegistry, tmp_path: Path, aiohttp_client) -> None:  # type: ignore[no-untyped-def]
-    mirror = await _two(fake_registry, ghcr, tmp_path, aiohttp_client)
+    mirror = await mirror_with_ghcr(fake_registry, ghcr, tmp_path, aiohttp_client)
     fake_registry.add_image("library/alpine", "v1", 1)
     fake_registry.add_image("bitnami/redis", "v1", 1)
     fake_registry.add_image("library/never-pulled", "v1", 1)
@@ -103,7 +80,7 @@ async def test_kind12_catalog_denied_repository_is_hidden(mirror: Mirror, fake_r
 
 async def test_kind12_catalog_share_with_anonymous_lists_the_whole_upstream(
         fake_registry: FakeRegistry, ghcr: FakeRegistry, tmp_path: Path, aiohttp_client) -> None:  # type: ignore[no-untyped-def]
-    mirror = await _two(fake_registry, ghcr, tmp_path, aiohttp_client, share=True)
+    mirror = await mirror_with_ghcr(fake_registry, ghcr, tmp_path, aiohttp_client, share_with_anonymous=True)
     ghcr.add_image("org/app", "v1", 1)
     ghcr.private["org/app"] = {"alice"}
     ghcr.users["alice"] = "secret"

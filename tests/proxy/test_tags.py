@@ -1,19 +1,15 @@
 """Tag lists: passthrough with a short per-principal cache, and pagination that stays on the mirror (kind 6)."""
 from __future__ import annotations
 
-import dataclasses
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 from yarl import URL
 
-from mirror.app import make_app
-from mirror.config import UpstreamConfig
 from mirror.proxy.tags import FRESH_FOR, Page, mirror_link, next_page
-from tests.conftest import FakeClock, Mirror, mirror_config
+from tests.conftest import Mirror, mirror_with_ghcr
 from tests.fakes.registry import FakeRegistry
 
 UP = "https://ghcr.example:8443"
@@ -21,23 +17,9 @@ LIST = f"{UP}/v2/org/app/tags/list"  # the tag list that carried the Link
 
 
 @pytest.fixture
-async def ghcr() -> AsyncIterator[FakeRegistry]:
-    registry = FakeRegistry()
-    await registry.start()
-    yield registry
-    await registry.close()
-
-
-@pytest.fixture
 async def two(fake_registry: FakeRegistry, ghcr: FakeRegistry, tmp_path: Path, aiohttp_client) -> Mirror:  # type: ignore[no-untyped-def]
     """The mirror with docker.io (the default, `fake_registry`) and ghcr.io (`ghcr`)."""
-    assert fake_registry.url and ghcr.url
-    config = mirror_config(fake_registry.url, tmp_path / "data")
-    upstreams = {**config.upstreams, "ghcr.io": UpstreamConfig("ghcr.io", ghcr.url, read_timeout=0.5)}
-    config = dataclasses.replace(config, upstreams=upstreams)
-    clock = FakeClock()
-    app = make_app(config, clock=clock)
-    return Mirror(await aiohttp_client(app), clock, app, tmp_path / "data")
+    return await mirror_with_ghcr(fake_registry, ghcr, tmp_path, aiohttp_client)
 
 
 def _tags(registry: FakeRegistry, repo: str, *tags: str) -> None:
