@@ -374,15 +374,19 @@ async def test_kind10_bad_ranges_get_416_or_200_never_5xx(mirror: Mirror, fake_r
     if state == "hit":
         await (await mirror.client.get(url)).read()
         await mirror.settled()
-    for rng in ("bytes=20000-30000,40000-", "bytes=0-99,50-149", "bytes=0-9,0-9", "bytes=0-9,30-20",
-                "bytes=-0,-0", "bytes=0-9,,x", "bytes=0-" + "9" * 5000 + ",1-2"):
+    for rng in ("bytes=20000-30000,40000-", "bytes=0-9,30-20",
+                "bytes=-0,-0", "bytes=0-9,,x"):
         resp = await mirror.client.get(url, headers={"Range": rng})
         assert resp.status == 416, rng[:50]
         assert resp.headers["Content-Range"] == "bytes */10000"
         assert (await resp.json())["errors"][0]["code"] == "RANGE_INVALID"
     hundreds = "bytes=" + ",".join(f"{i * 20}-{i * 20 + 9}" for i in range(300))
-    resp = await mirror.client.get(url, headers={"Range": hundreds})
-    assert resp.status == 200 and await resp.read() == data  # too many: the whole blob, as if asked so
+    # too many, or overlaps adding up to more than the blob
+    for rng in (hundreds, "bytes=0-,0-,0-", "bytes=0-" + "9" * 5000 + ",1-2"):
+        resp = await mirror.client.get(url, headers={"Range": rng})
+        assert resp.status == 200 and await resp.read() == data  # the whole blob, as if asked so
+    resp = await mirror.client.get(url, headers={"Range": "bytes=0-99,50-149"})  # overlapping, as Go serves them
+    _assert_multipart(resp, await resp.read(), data, [(0, 100), (50, 150)])
     many = "bytes=" + ",".join(f"{i * 20}-{i * 20 + 9}" for i in range(MAX_RANGES))
     resp = await mirror.client.get(url, headers={"Range": many})
     _assert_multipart(resp, await resp.read(), data, [(i * 20, i * 20 + 10) for i in range(MAX_RANGES)])
