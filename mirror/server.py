@@ -65,9 +65,15 @@ _WHY: tuple[tuple[type[BaseException], str], ...] = (
 )
 
 
+# podman 5 asks for the chunks of a zstd:chunked layer in one Range header of 10 KiB and more
+# (seen: 700 ranges, 10.8 KiB); aiohttp's default limit of a header field is 8 KiB. Go's
+# servers (distribution) accept 1 MiB of headers.
+FIELD_MAX = 64 << 10
+
+
 class _Server(web.Server):
     def __call__(self) -> RequestHandler:
-        return OciRequestHandler(self, loop=self._loop, **self._kwargs)
+        return OciRequestHandler(self, loop=self._loop, **{"max_field_size": FIELD_MAX, **self._kwargs})
 
 
 class MirrorRunner(web.AppRunner):

@@ -8,7 +8,7 @@ aiohttp's `request.if_none_match`. aiohttp's `request.http_range` takes a single
 `Range` and an entity-tag `If-Range` are read here, by the grammar of RFC 9110 §14.1.2 and
 §13.1.5.
 
-Bad ranges cost bounded work (the header is at most 8 KiB) and never an error of ours: a
+Bad ranges cost bounded work (the header is at most 64 KiB) and never an error of ours: a
 malformed `Range` (a unit other than bytes, a reversed range, garbage) is refused with 416
 as distribution refuses it. Ranges that overlap are served as asked while together they
 are no longer than the blob, as Go's `http.ServeContent` (which distribution serves blobs
