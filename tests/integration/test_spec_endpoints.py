@@ -89,7 +89,7 @@ def test_kind12_requests_the_parser_refuses_get_oci_errors_in_every_worker(
     mirror = mirror_factory(workers=workers)
     requests = [
         b"G@T /v2/ HTTP/1.1\r\nHost: x\r\n\r\n",
-        b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n",
+        b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n",  # over 64 KiB
         b"GET /v2/" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
         b"GET /v2/ HTTP/9.9\r\nHost: x\r\n\r\n",
         b"GET /v2/ HTTP/1.1\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(300)) + b"\r\n",
