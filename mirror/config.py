@@ -44,6 +44,9 @@ class UpstreamConfig:
     negative_ttl: float = 30.0  # how long an upstream 404 for a tag is believed
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
+    # how long a request waits for upstream to revalidate what the cache holds (an expired tag, an
+    # expired access decision) before the cached answer goes out; the revalidation goes on
+    revalidate_timeout: float = 3.0
     access_ttl: float = 600.0
     username: str | None = None
     password: str | None = None
@@ -238,6 +241,9 @@ def _upstream(table: Mapping[str, Any], source: str, name: str) -> UpstreamConfi
             raise ConfigError(source, f"{where}.password_file", f"cannot read {up.password_file}: {exc.strerror}") from None
     if (up.username is None) != (up.password is None):
         raise ConfigError(source, f"{where}.username", "a service account needs both username and password")
+    if up.revalidate_timeout <= 0:
+        # zero would serve every expired tag stale, never waiting for upstream's answer
+        raise ConfigError(source, f"{where}.revalidate_timeout", "expected a duration above zero, like 3s or 500ms")
     if up.ca_file is not None and not os.access(up.ca_file, os.R_OK):
         raise ConfigError(source, f"{where}.ca_file", f"cannot read {up.ca_file}")
     return up

@@ -35,6 +35,7 @@ def test_defaults_without_a_file() -> None:
     assert cfg.upstreams["docker.io"].url == "https://registry-1.docker.io"
     assert {u.url for u in cfg.upstreams.values()} == set(DEFAULT_UPSTREAMS.values())
     assert all(u.tag_ttl == 600 for u in cfg.upstreams.values())
+    assert all(u.revalidate_timeout == 3 for u in cfg.upstreams.values())
     assert all(name == u.name for name, u in cfg.upstreams.items())
 
 
@@ -62,12 +63,14 @@ def test_a_file_naming_some_upstreams_replaces_the_list(tmp_path: Path) -> None:
         url = "https://ghcr.io/"
         tag_ttl = "1h"
         read_timeout = 5
+        revalidate_timeout = "500ms"
         [upstreams."registry.local"]
         url = "http://10.0.0.5:5000"
     """), env={})
     assert list(cfg.upstreams) == ["ghcr.io", "registry.local"]
     ghcr = cfg.upstreams["ghcr.io"]
     assert (ghcr.name, ghcr.url, ghcr.tag_ttl, ghcr.read_timeout) == ("ghcr.io", "https://ghcr.io", 3600, 5)
+    assert ghcr.revalidate_timeout == 0.5
     assert cfg.upstreams["registry.local"].url == "http://10.0.0.5:5000"
     assert cfg.upstreams["registry.local"].tag_ttl == 600
 
@@ -106,6 +109,10 @@ def test_cli_overrides_beat_env(tmp_path: Path) -> None:
     ("[cache]\nmax_size = '120%'\n", "cache.max_size", "percentage"),
     ("[upstreams.'ghcr.io']\nurl = 'https://ghcr.io'\ntag_ttl = '10 mins'\n", "upstreams.ghcr.io.tag_ttl", "duration"),
     ("[upstreams.'ghcr.io']\nurl = 'https://ghcr.io'\ntag_ttl = -5\n", "upstreams.ghcr.io.tag_ttl", "duration"),
+    ("[upstreams.'ghcr.io']\nurl = 'https://ghcr.io'\nrevalidate_timeout = 'soon'\n", "upstreams.ghcr.io.revalidate_timeout",
+     "expected a duration"),
+    ("[upstreams.'ghcr.io']\nurl = 'https://ghcr.io'\nrevalidate_timeout = '0s'\n", "upstreams.ghcr.io.revalidate_timeout",
+     "above zero"),
     ("[upstreams.'ghcr.io']\nurl = 'https://ghcr.io'\nusernme = 'x'\n", "upstreams.ghcr.io.usernme", "unknown key"),
     ("[upstreams.'ghcr.io']\nurl = 'https://ghcr.io'\nname = 'x'\n", "upstreams.ghcr.io.name", "unknown key"),
     ("[upstreams.'ghcr.io']\nurl = 'ftp://ghcr.io'\n", "upstreams.ghcr.io.url", "http:// or https://"),
