@@ -8,12 +8,19 @@ credential fingerprint, never the secret); while the upstream is down or
 throttling, the last answer stands, across restarts too (upstream cannot have
 refused in the meantime), and with no answer at all nothing cached is served. `share_with_anonymous` is the
 operator's opt-out for trusted networks.
+
+An expired answer is asked again within the upstream's `revalidate_timeout`: an upstream that
+hangs is an upstream that cannot answer, so past it the last answer stands while the question
+finishes in the background (`Background`, which the other services that revalidate cached
+answers use too).
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, Hashable, TypeVar
 
 from cachetools import LRUCache
 
@@ -22,10 +29,81 @@ from mirror.storage.metadata import Metadata
 from mirror.upstream.auth import Credentials, fingerprint
 from mirror.upstream.client import Upstream, UpstreamError
 
+log = logging.getLogger("mirror.access")
+
 DENIAL_TTL = 30.0
 T = TypeVar("T")
 
 Probe = Callable[[Credentials | None], Awaitable[object]]
+
+
+class Overdue(Exception):
+    """Upstream did not answer by the revalidation deadline; the work goes on in the background."""
+
+
+def revalidation_deadline(upstream: Upstream) -> float:
+    """When, on the event loop's clock, revalidating a cached answer that starts now is overdue."""
+    return asyncio.get_running_loop().time() + upstream.config.revalidate_timeout
+
+
+class Background:
+    """Revalidations that outlive the requests which waited for them.
+
+    `within` waits for upstream work up to a deadline. Work still running then is kept here
+    until it ends: referenced (the event loop holds tasks only weakly) and with its outcome
+    logged, never raised, since no one awaits it any more (asyncio would otherwise report
+    "Task exception was never retrieved").
+    """
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._overdue: dict[Hashable, asyncio.Task[Any]] = {}  # key → its work still running past the deadline
+
+    async def within(self, key: Hashable, deadline: float, start: Callable[[], Awaitable[T]], what: str) -> T:
+        """The result of `start()` if it comes by `deadline` (event loop time; `what` names the
+        work in the log).
+
+        Raises Overdue past it, leaving the work to finish in the background; and at once,
+        starting nothing, while work started earlier for `key` is still overdue: upstream is
+        being asked already and has not answered in time. Other exceptions are the work's own.
+        A caller cancelled while it waits leaves the work running in the background too.
+        """
+        if key in self._overdue:
+            raise Overdue()
+        task = asyncio.ensure_future(start())
+        try:
+            await asyncio.wait({task}, timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
+        finally:
+            if not task.done():
+                self._adopt(key, task, what)
+        if not task.done():
+            log.info("%s: no answer from the upstream by the deadline; it goes on in the background", what)
+            raise Overdue()
+        return task.result()
+
+    def _adopt(self, key: Hashable, task: asyncio.Task[Any], what: str) -> None:
+        self._tasks.add(task)
+        self._overdue[key] = task
+
+        def ended(task: asyncio.Task[Any]) -> None:
+            self._tasks.discard(task)
+            if self._overdue.get(key) is task:
+                del self._overdue[key]
+            if task.cancelled():
+                return
+            if (exc := task.exception()) is None:
+                log.info("%s: done in the background", what)
+            elif isinstance(exc, (UpstreamError, RegistryError)):
+                log.info("%s: failed in the background: %s", what, exc)
+            else:
+                log.error("%s: failed in the background", what, exc_info=exc)
+
+        task.add_done_callback(ended)
+
+    async def idle(self) -> None:
+        """Wait until all work left to the background has ended."""
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
 
 
 @dataclass(frozen=True)
@@ -62,6 +140,7 @@ class AccessPolicy:
         self._metadata = metadata
         self._clock = clock
         self._decisions: LRUCache[tuple[str, str, str], Decision] = LRUCache(maxsize)
+        self.background = Background()  # re-checks of expired decisions past their deadline
 
     def _record(self, key: tuple[str, str, str], allowed: bool, message: str = "") -> None:
         decision = Decision(allowed, self._clock(), message)
@@ -99,8 +178,18 @@ class AccessPolicy:
         await self.learn(upstream, repo, principal, None)
         return result
 
-    async def ensure(self, upstream: Upstream, repo: str, principal: Principal, probe: Probe) -> None:
-        """Return if `principal` may read `repo`; raise 401/403 (or upstream's failure) if not."""
+    async def ensure(
+        self, upstream: Upstream, repo: str, principal: Principal, probe: Probe, deadline: float | None = None,
+    ) -> None:
+        """Return if `principal` may read `repo`; raise 401/403 (or upstream's failure) if not.
+
+        `probe(credentials)` asks upstream (a HEAD of what is about to be served) and raises
+        UpstreamError for its refusal or failure. When upstream allowed the principal before and
+        that answer expired, upstream has until `deadline` (event loop time; default: its
+        `revalidate_timeout` from now) to answer again; past it the last answer stands and the
+        probe finishes in the background, recording what upstream says. Without such an answer
+        upstream's own timeouts apply: nothing is served on a guess.
+        """
         if principal.client is None and upstream.config.share_with_anonymous:
             return
         key = (upstream.name, repo, principal.name)
@@ -110,14 +199,32 @@ class AccessPolicy:
             if known.allowed:
                 return
             raise denied(upstream, repo, principal, known.message)
+        recheck = lambda: self._recheck(key, probe, principal.client)  # noqa: E731
         try:
-            await probe(principal.client)
+            if known is not None and known.allowed:
+                until = revalidation_deadline(upstream) if deadline is None else deadline
+                await self.background.within(key, until, recheck, f"access check of {repo} on {upstream.name}")
+            else:
+                await recheck()
+        except Overdue:
+            return  # upstream cannot answer in time: its last answer stands
         except UpstreamError as exc:
             if exc.outage and known is not None and known.allowed:
                 return  # upstream cannot answer: its last answer stands
             if exc.status in (401, 403):
-                self._record(key, False, exc.message)
                 raise denied(upstream, repo, principal, exc.message) from None
+            raise
+
+    async def _recheck(self, key: tuple[str, str, str], probe: Probe, client: Credentials | None) -> None:
+        """Ask upstream with the probe and record its answer: allowed, or refused (401/403).
+
+        Raises the probe's UpstreamError.
+        """
+        try:
+            await probe(client)
+        except UpstreamError as exc:
+            if exc.status in (401, 403):
+                self._record(key, False, exc.message)
             raise
         self._record(key, True)
 

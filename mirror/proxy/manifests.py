@@ -3,7 +3,10 @@
 A fresh tag costs no upstream request; a stale one costs one HEAD (which Docker
 Hub does not count against pull limits) and a GET only when the digest moved to
 content we do not hold. When upstream is down, failing or rate-limiting, the
-stale copy is served instead of an error.
+stale copy is served instead of an error; when it does not answer within the
+upstream's `revalidate_timeout` too, while the revalidation goes on in the
+background and moves the tag if it can. What the cache lacks waits for upstream
+as long as upstream's own timeouts allow.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from cachetools import LRUCache
 
 from mirror.errors import RegistryError
 from mirror.metrics import Metrics
-from mirror.proxy.access import AccessPolicy, Principal
+from mirror.proxy.access import AccessPolicy, Background, Overdue, Principal, revalidation_deadline
 from mirror.proxy.inflight import SingleFlight
 from mirror.manifest import InvalidManifest, digest_of, media_type_of, referenced_digests
 from mirror.reference import ManifestRef
@@ -84,6 +87,7 @@ class ManifestService:
         self._parts: LRUCache[str, tuple[tuple[str, ...], float | None]] = LRUCache(100_000)
         # (upstream, repo, tag, who asked upstream) → until when upstream's 404 for it is believed
         self._absent: LRUCache[tuple[str, str, str, str], tuple[float, str]] = LRUCache(10_000)
+        self.background = Background()  # revalidations of expired tags past their deadline
 
     async def get(
         self, upstream: Upstream, repo: str, ref: ManifestRef, accept: list[str], principal: Principal
@@ -118,9 +122,12 @@ class ManifestService:
             self._memory.pop(digest, None)
         self._parts.clear()
 
-    async def _allow(self, upstream: Upstream, repo: str, principal: Principal, ref: str) -> None:
+    async def _allow(
+        self, upstream: Upstream, repo: str, principal: Principal, ref: str, deadline: float | None = None
+    ) -> None:
+        """The access check, probing with a HEAD of `ref`; `deadline` as for `AccessPolicy.ensure`."""
         await self.access.ensure(
-            upstream, repo, principal, lambda creds: upstream.head_manifest(repo, ref, ACCEPT_ALL, creds)
+            upstream, repo, principal, lambda creds: upstream.head_manifest(repo, ref, ACCEPT_ALL, creds), deadline
         )
 
     # -- by digest ---------------------------------------------------------------
@@ -188,26 +195,40 @@ class ManifestService:
         if row and cached and self.clock() < row.expires_at:
             await self._allow(upstream, repo, principal, cached.digest)
             return _answer(cached, "hit")
+        # One deadline for the whole answer (access check, revalidation, access check again):
+        # a cached tag goes out by it; a tag the cache lacks waits for upstream.
+        deadline = revalidation_deadline(upstream)
         if not principal.fetches_as_itself:
-            await self._allow(upstream, repo, principal, tag)
+            await self._allow(upstream, repo, principal, tag, deadline)
         absent_key = (upstream.name, repo, tag, fingerprint(principal.upstream))
         if (absent := self._absent.get(absent_key)) and self.clock() < absent[0]:
             raise UpstreamError(upstream.name, 404, absent[1])
+        flight = ("tag", upstream.name, repo, tag, fingerprint(principal.upstream))
+        revalidate = lambda: self.access.observe(upstream, repo, principal, self._flights.do(  # noqa: E731
+            flight, lambda: self._revalidate(upstream, repo, tag, row, principal.upstream),
+        ))
         try:
-            return await self.access.observe(upstream, repo, principal, self._flights.do(
-                ("tag", upstream.name, repo, tag, fingerprint(principal.upstream)),
-                lambda: self._revalidate(upstream, repo, tag, row, principal.upstream),
-            ))
+            if cached is None:
+                return await revalidate()
+            return await self.background.within(
+                flight, deadline, revalidate, f"revalidation of {upstream.name}/{repo}:{tag}"
+            )
+        except Overdue:
+            reason = "timeout"
+            why = (f"no answer within {upstream.config.revalidate_timeout:g}s (revalidate_timeout);"
+                   " revalidating in the background")
         except UpstreamError as exc:
             if exc.status == 404 and upstream.config.negative_ttl > 0:
                 # a CI loop asking for a tag that is not there yet must not spend rate limit
                 self._absent[absent_key] = (self.clock() + upstream.config.negative_ttl, exc.message)
             if not exc.outage or cached is None:
                 raise
-            await self._allow(upstream, repo, principal, cached.digest)  # upstream's last word stands
-            self.metrics.stale_served.labels(upstream.name, exc.reason).inc()
-            log.warning("serving stale %s/%s:%s (%s): %s", upstream.name, repo, tag, cached.digest, exc.message)
-            return _answer(cached, "stale")
+            reason, why = exc.reason, exc.message
+        assert cached is not None  # either way here comes from a cached tag
+        await self._allow(upstream, repo, principal, cached.digest, deadline)  # upstream's last word stands
+        self.metrics.stale_served.labels(upstream.name, reason).inc()
+        log.warning("serving stale %s/%s:%s (%s): %s", upstream.name, repo, tag, cached.digest, why)
+        return _answer(cached, "stale")
 
     async def _revalidate(
         self, upstream: Upstream, repo: str, tag: str, row: TagRow | None, creds: Credentials | None

@@ -6,6 +6,10 @@ is probed with a HEAD as the principal), the answer is kept per principal for a 
 time and stands in while upstream is down. An upstream without the API (404) gives an
 empty index, as the spec asks of registries; an `artifactType` filter upstream did not
 apply is applied here, and `OCI-Filters-Applied: artifactType` says it was.
+
+With an answer cached, the access check and the request to upstream share one deadline, the
+upstream's `revalidate_timeout`; past it the cached answer goes out while the request finishes
+in the background and refreshes it.
 """
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ from yarl import URL
 
 from mirror.errors import RegistryError
 from mirror.mediatypes import MANIFEST_TYPES, OCI_INDEX
-from mirror.proxy.access import AccessPolicy, Principal
+from mirror.proxy.access import AccessPolicy, Background, Overdue, Principal, revalidation_deadline
+from mirror.proxy.inflight import SingleFlight
 from mirror.upstream.auth import fingerprint
 from mirror.upstream.client import Upstream, UpstreamError
 
@@ -44,6 +49,8 @@ class ReferrersService:
         self.access = access
         self.clock = clock
         self._last: LRUCache[tuple[str, str, str, str | None, str], tuple[float, Referrers]] = LRUCache(10_000)
+        self._flights = SingleFlight()  # one upstream request per subject, filter and principal at a time
+        self.background = Background()  # refreshes past the revalidation deadline
 
     async def get(
         self, upstream: Upstream, repo: str, digest: str, artifact_type: str | None, principal: Principal
@@ -55,9 +62,11 @@ class ReferrersService:
         """
         if artifact_type is not None and not 0 < len(artifact_type) <= ARTIFACT_TYPE_MAX:
             raise RegistryError("UNSUPPORTED", 400, f"artifactType must be 1 to {ARTIFACT_TYPE_MAX} characters")
+        deadline = revalidation_deadline(upstream)
         try:
             await self.access.ensure(
-                upstream, repo, principal, lambda creds: upstream.head_manifest(repo, digest, ACCEPT_ALL, creds)
+                upstream, repo, principal, lambda creds: upstream.head_manifest(repo, digest, ACCEPT_ALL, creds),
+                deadline,
             )
         except UpstreamError as exc:
             if exc.status == 404:  # an unknown subject has no referrers; the spec wants 200 and an empty list
@@ -67,16 +76,31 @@ class ReferrersService:
         last = self._last.get(key)
         if last and self.clock() - last[0] < FRESH_FOR:
             return _as(last[1], "hit")
+        fetch = lambda: self._flights.do(  # noqa: E731
+            key, lambda: self._fetch(upstream, repo, digest, artifact_type, principal, key)
+        )
         try:
-            answer = await self._fetch(upstream, repo, digest, artifact_type, principal)
+            if last is None:
+                return await fetch()
+            return await self.background.within(key, deadline, fetch, f"referrers of {upstream.name}/{repo}@{digest}")
+        except Overdue:
+            assert last is not None  # only a cached answer is fetched against the deadline
+            return _as(last[1], "stale")
         except UpstreamError as exc:
             if exc.outage and last:
                 return _as(last[1], "stale")
             raise exc.to_registry_error("MANIFEST_UNKNOWN") from None
+
+    async def _fetch(
+        self, upstream: Upstream, repo: str, digest: str, artifact_type: str | None, principal: Principal,
+        key: tuple[str, str, str, str | None, str],
+    ) -> Referrers:
+        """Upstream's answer, filtered if upstream did not filter it, kept under `key`. Raises UpstreamError."""
+        answer = await self._ask(upstream, repo, digest, artifact_type, principal)
         self._last[key] = (self.clock(), answer)
         return answer
 
-    async def _fetch(
+    async def _ask(
         self, upstream: Upstream, repo: str, digest: str, artifact_type: str | None, principal: Principal
     ) -> Referrers:
         query = URL.build(query={FILTER: artifact_type}).raw_query_string if artifact_type else ""

@@ -5,6 +5,9 @@ and upstream's `Link` to the next page is rewritten to the mirror's own route fo
 same repository, addressed as the client addressed it (path prefix or `?ns=`), so a
 client paging through never leaves the mirror or lands on another registry. A `Link`
 the mirror cannot read as "the next page of this repository at this upstream" is dropped.
+
+A cached list older than FRESH_FOR is asked again within the upstream's `revalidate_timeout`;
+past it the cached list goes out while the request finishes in the background and refreshes it.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ from multidict import MultiMapping
 from yarl import URL
 
 from mirror.errors import RegistryError
+from mirror.proxy.access import Background, Overdue, revalidation_deadline
+from mirror.proxy.inflight import SingleFlight
 from mirror.upstream.auth import Credentials, fingerprint
 from mirror.upstream.client import Upstream, UpstreamError
 
@@ -125,6 +130,8 @@ class TagListService:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
         self._last: LRUCache[tuple[str, str, Page, str], tuple[float, bytes, Page | None]] = LRUCache(10_000)
+        self._flights = SingleFlight()  # one upstream request per page and principal at a time
+        self.background = Background()  # refreshes past the revalidation deadline
 
     async def get(
         self, upstream: Upstream, repo: str, page: Page, creds: Credentials | None
@@ -137,12 +144,28 @@ class TagListService:
         last = self._last.get(key)
         if last and self.clock() - last[0] < FRESH_FOR:
             return last[1], last[2], "hit"
+        fetch = lambda: self._flights.do(key, lambda: self._fetch(upstream, repo, page, key, creds))  # noqa: E731
         try:
-            body, link, answered = await upstream.get_tags(repo, URL.build(query=page.query()).raw_query_string, creds)
+            if last is None:
+                body, following = await fetch()
+            else:
+                body, following = await self.background.within(
+                    key, revalidation_deadline(upstream), fetch, f"tag list of {upstream.name}/{repo}"
+                )
+        except Overdue:
+            assert last is not None  # only a cached list is fetched against the deadline
+            return last[1], last[2], "stale"
         except UpstreamError as exc:
             if exc.outage and last:
                 return last[1], last[2], "stale"
             raise exc.to_registry_error("NAME_UNKNOWN") from None
+        return body, following, "miss"
+
+    async def _fetch(
+        self, upstream: Upstream, repo: str, page: Page, key: tuple[str, str, Page, str], creds: Credentials | None
+    ) -> tuple[bytes, Page | None]:
+        """Upstream's page and the next one, kept under `key`. Raises UpstreamError."""
+        body, link, answered = await upstream.get_tags(repo, URL.build(query=page.query()).raw_query_string, creds)
         following = next_page(link, answered)
         self._last[key] = (self.clock(), body, following)
-        return body, following, "miss"
+        return body, following
