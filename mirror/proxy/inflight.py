@@ -185,18 +185,27 @@ class Inflight:
 
     def __init__(
         self, store: ContentStore, metrics: Metrics, on_disk_full: Callable[[], None] = lambda: None,
-        local_only: bool = False,
+        local_only: bool = False, on_written: Callable[[], None] = lambda: None,
+        before_commit: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """`on_written` is called after every batch written to a temp file (cheap, synchronous);
+        `before_commit` is awaited before a verified blob is moved into the store (room for it)."""
         self._store = store
         self._local_only = local_only  # in a secondary worker: fetches happen in the primary
         self._metrics = metrics
         self._on_disk_full = on_disk_full
+        self._on_written = on_written
+        self._before_commit = before_commit
         self._fetches: dict[str, Fetch] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def temp_files(self) -> set[str]:
         """Names of the temp files running fetches are writing (garbage collection keeps them)."""
         return {f.tmp_name for f in self._fetches.values() if f.tmp_name}
+
+    def bytes_in_flight(self) -> int:
+        """Bytes running fetches have written to temp files (counted against the size cap)."""
+        return sum(f.written for f in self._fetches.values())
 
     def join(self, digest: str) -> Fetch | None:
         """The running fetch of `digest`, with the caller registered as a reader."""
@@ -245,6 +254,7 @@ class Inflight:
                 await self._keep(fetch, writer, batch, offset)
                 offset += sum(map(len, batch))
                 fetch._advance(offset)
+                self._on_written()
 
         async def hash_all() -> None:
             while (batch := await to_hash.get()) is not None:
@@ -307,6 +317,8 @@ class Inflight:
             writer.verify()
             fetch._verified()  # readers may have the last byte now; storing it can follow
             if fetch._on_disk is None:
+                if self._before_commit is not None:
+                    await self._before_commit()
                 await asyncio.to_thread(writer.commit)
                 await on_stored(fetch)
         except DigestMismatch as exc:
