@@ -14,14 +14,19 @@ from pathlib import Path
 
 import pytest
 
+from aiohttp import web
+
 from mirror.app import make_app
 from mirror.proxy import referrers as referrers_module
 from mirror.proxy import tags as tags_module
+from mirror.routes import SERVICES
+from mirror.workers.role import WorkerRole
 from tests.conftest import TAG_TTL, FakeClock, Mirror, mirror_config
 from tests.fakes.registry import Call, FakeRegistry
 from tests.proxy.test_access import basic
 from tests.proxy.test_manifests import ACCEPT
 from tests.proxy.test_referrers import SBOM, _referrer
+from tests.workers.conftest import multiprocess_values  # noqa: F401 (a fixture)
 
 DEADLINE = 0.2
 READ_TIMEOUT = 30.0
@@ -157,6 +162,41 @@ async def test_a_revalidation_that_fails_in_the_background_is_logged_not_left_un
     status, result, _, _ = await _timed_get(mirror, "/v2/library/alpine/manifests/3")
     assert (status, result) == (200, "stale")
     assert fake_registry.count("HEAD", "manifest") >= 1
+
+
+async def test_a_secondary_worker_hands_an_expired_tag_to_the_primary_which_answers_by_the_deadline(
+    fake_registry: FakeRegistry, tmp_path: Path, multiprocess_values: str, aiohttp_client,  # type: ignore[no-untyped-def]
+) -> None:
+    assert fake_registry.url
+    config = mirror_config(fake_registry.url, tmp_path / "data", read_timeout=READ_TIMEOUT, revalidate_timeout=DEADLINE)
+    clock, key, socket = FakeClock(), b"0" * 43 + b"=", str(tmp_path / "primary.sock")
+    primary = make_app(config, clock=clock, role=WorkerRole(0, key, socket, multiprocess_values))
+    runner = web.AppRunner(primary)
+    await runner.setup()
+    await web.UnixSite(runner, socket).start()
+    try:
+        secondary = await aiohttp_client(make_app(config, clock=clock, role=WorkerRole(1, key, socket, multiprocess_values)))
+        worker = Mirror(secondary, clock, secondary.app, tmp_path / "data")
+        old = fake_registry.add_image("library/alpine", "3", 1)
+        status, result, _, _ = await _timed_get(worker, "/v2/library/alpine/manifests/3")
+        assert (status, result) == (200, "miss")
+        new = fake_registry.add_image("library/alpine", "3", 1)
+        clock.advance(TAG_TTL + 1)
+        fake_registry.stall_before_headers = True
+
+        status, result, body, took = await _timed_get(worker, "/v2/library/alpine/manifests/3")
+        assert (status, result, body) == (200, "stale", old.body)
+        assert DEADLINE <= took < BOUND
+
+        fake_registry.stall_before_headers = False
+        await asyncio.wait_for(primary[SERVICES].manifests.background.idle(), BOUND)
+        fake_registry.reset_counts()
+        status, result, body, _ = await _timed_get(worker, "/v2/library/alpine/manifests/3")
+        assert (status, body) == (200, new.body)
+        assert fake_registry.count() == 0
+    finally:
+        fake_registry.stall_before_headers = False
+        await runner.cleanup()
 
 
 async def test_a_tag_the_mirror_never_cached_waits_for_upstream_past_the_deadline(
