@@ -88,6 +88,10 @@ class Metrics:
             "mirror_evictions", "Content objects removed from the cache to stay under its size cap", registry=r)
         self.evicted_bytes = Counter(
             "mirror_evicted_bytes", "Bytes removed from the cache to stay under its size cap", registry=r)
+        self.client_disconnects = Counter(
+            "mirror_client_disconnects", "Clients that closed their connection before their answer was whole "
+            "(normal: a cancelled pull or a client-side timeout), by request kind",
+            ["kind"], registry=r)
         self.cache = CacheCollector()
         r.register(self.cache)
         self._request_children: dict[tuple[str, str, str], tuple[Counter, Histogram, Counter]] = {}
@@ -96,6 +100,8 @@ class Metrics:
             for method in ("GET", "HEAD"):
                 for result in RESULTS:
                     self.requests.labels(kind, method, result)
+        for kind in CONTENT_KINDS:
+            self.client_disconnects.labels(kind)
         for source in ("cache", "upstream"):
             self.bytes_served.labels(source)
         for result in ("unchanged", "changed", "error"):

@@ -18,6 +18,7 @@ the whole blob or one range; several ranges of a miss come through the primary's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -28,7 +29,7 @@ from aiohttp import web
 from cachetools import LRUCache
 
 from mirror.errors import RegistryError
-from mirror.proxy import ranges
+from mirror.proxy import ranges, sending
 from mirror.proxy.access import AccessPolicy, Principal
 from mirror.proxy.inflight import Fetch, FetchFailed, Inflight
 from mirror.proxy.ranges import ByteRange, Multipart
@@ -37,7 +38,7 @@ from mirror.storage.metadata import Metadata
 from mirror.storage.sizes import descriptor_size
 from mirror.upstream.auth import Credentials
 from mirror.upstream.client import Upstream, UpstreamError
-from mirror.requestinfo import RESULT
+from mirror.requestinfo import RESULT, from_secondary
 from mirror.workers import follow
 
 log = logging.getLogger("mirror.blobs")
@@ -107,42 +108,48 @@ def plan(request: web.Request, digest: str, size: int | None) -> Plan:
 class SentFile(web.StreamResponse):
     """A stored blob sent as its plan says: ranges of the file by sendfile, multipart framing by write.
 
-    It may be sent early (by the metrics middleware) and then returned: preparing it again does nothing.
+    It owns `file`, opened before the request's checks: eviction may unlink the blob meanwhile, and
+    the open file is still sent whole. It may be sent early (by the metrics middleware) and then
+    returned: preparing it again does nothing. A client that goes away is counted and raises
+    ConnectionError, which aiohttp and the metrics middleware take as the end of the exchange.
     """
 
-    def __init__(self, file: BinaryIO, answer: Plan, head: bool) -> None:
+    def __init__(self, file: BinaryIO, answer: Plan) -> None:
         super().__init__(status=answer.status, headers=answer.headers)
         self.content_length = answer.length
         self._file = file
         self._plan = answer
-        self._head = head
+        self._sent = False
 
     async def prepare(self, request: web.BaseRequest):  # type: ignore[no-untyped-def]
-        if self.prepared:
+        if self._sent:
             return self._payload_writer
-        loop = asyncio.get_running_loop()
+        self._sent = True
+        assert isinstance(request, web.Request)
 
         async def send_range(start: int, stop: int) -> None:
-            if request.transport is None:
-                raise ConnectionResetError("the client went away")
             if stop > start:
-                await loop.sendfile(request.transport, self._file, start, stop - start)
+                await sending.send_file(request, self._file, start, stop - start)
 
         try:
             writer = await super().prepare(request)
-            if not self._head:
-                await self._plan.send(self, send_range)
+            await self._plan.send(self, send_range)
             await self.write_eof()
             return writer
+        except ConnectionError as exc:
+            sending.client_left(request, exc)
+            raise
         finally:
             self._file.close()
 
 
-def _hashes_to(path: str, digest: str) -> bool:
+def _hashes_to(file: BinaryIO, digest: str) -> bool:
+    """Whether the whole of `file` hashes to `digest` (read with pread: its position is not touched)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
+    fd, offset = file.fileno(), 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        h.update(chunk)
+        offset += len(chunk)
     return "sha256:" + h.hexdigest() == digest
 
 
@@ -164,15 +171,22 @@ class BlobService:
     ) -> web.StreamResponse:
         head = request.method == "HEAD"
         fetch = self.inflight.join(digest)
+        # Held open from here on (no await before this): eviction may unlink the blob while the
+        # checks below wait on the database or upstream, and an open file is still sent whole.
+        file = self._open(digest) if fetch is None else None
         try:
-            if fetch is None and self.store.size(digest) is not None:
+            if file is not None:
                 await self._allow(upstream, repo, digest, principal)
-                await self._a_blob_there(upstream, repo, digest, principal)
+                await self._a_blob_there(upstream, repo, digest, principal, file)
                 await self._linked(upstream, repo, digest, principal)
-                if (hit := self._hit(request, digest)) is not None:
-                    return hit
+                hit = self._hit(request, digest, file)
+                if isinstance(hit, SentFile):
+                    file = None  # it sends the file, and closes it
+                return hit
             if fetch is not None or not principal.fetches_as_itself:
                 await self._allow(upstream, repo, digest, principal)
+            if fetch is None:
+                fetch = self.inflight.join(digest)  # another request may have started it meanwhile
             if fetch is None and head:
                 return await self._head_miss(request, upstream, repo, digest, principal)
             if fetch is not None:
@@ -191,8 +205,17 @@ class BlobService:
         except FetchFailed as exc:
             raise RegistryError("UNAVAILABLE", 503, str(exc)) from None
         finally:
+            if file is not None:
+                file.close()
             if fetch is not None:
                 fetch.leave()
+
+    def _open(self, digest: str) -> BinaryIO | None:
+        """The stored blob, open for reading; None if it is not stored (or was just evicted)."""
+        try:
+            return open(self.store.path(digest), "rb")
+        except FileNotFoundError:
+            return None
 
     async def _allow(self, upstream: Upstream, repo: str, digest: str, principal: Principal) -> None:
         """The access check, probing with a HEAD of this very blob (which also proves the link)."""
@@ -208,7 +231,8 @@ class BlobService:
         await upstream.head_blob(repo, digest, creds)
         await self.metadata.link(upstream.name, repo, [digest])
 
-    async def _a_blob_there(self, upstream: Upstream, repo: str, digest: str, principal: Principal) -> None:
+    async def _a_blob_there(self, upstream: Upstream, repo: str, digest: str, principal: Principal,
+                            file: BinaryIO) -> None:
         """Stored content not known as a blob (a manifest, or a file whose row is not written yet)
         is served through /blobs/ only where upstream serves it as a blob: one HEAD says so, or
         raises UpstreamError (404 → BLOB_UNKNOWN). Manifests are linked to their repositories
@@ -219,27 +243,22 @@ class BlobService:
             return
         await upstream.head_blob(repo, digest, principal.upstream)
         # a signed schema1 manifest is stored with its signatures: those bytes are not the blob
-        if kind == "manifest" and not await asyncio.to_thread(_hashes_to, str(self.store.path(digest)), digest):
+        if kind == "manifest" and not await asyncio.to_thread(_hashes_to, file, digest):
             raise RegistryError("BLOB_UNKNOWN", 404, f"{digest} is cached as a signed manifest, not as this blob")
         self._served_as_blob[key] = True
 
-    def _hit(self, request: web.Request, digest: str) -> web.StreamResponse | None:
-        """The stored file, as the request's conditionals and ranges select; None if it was just evicted."""
-        try:
-            file = open(self.store.path(digest), "rb")
-        except FileNotFoundError:
-            return None
-        try:
-            answer = plan(request, digest, os.fstat(file.fileno()).st_size)
-        except BaseException:
-            file.close()
-            raise
+    def _hit(self, request: web.Request, digest: str, file: BinaryIO) -> web.StreamResponse:
+        """The stored blob in `file`, as the request's conditionals and ranges select: a SentFile
+        (which then owns `file`) for a body, else the bare response (the caller closes `file`).
+
+        Raises RegistryError RANGE_INVALID (416) for an unsatisfiable Range.
+        """
+        answer = plan(request, digest, os.fstat(file.fileno()).st_size)
         request[RESULT] = "hit"
         self.metadata.touch(digest, self.clock())
-        if answer.status == 304:
-            file.close()
+        if answer.status == 304 or request.method == "HEAD":
             return answer.response()
-        return SentFile(file, answer, request.method == "HEAD")
+        return SentFile(file, answer)
 
     async def _head_miss(
         self, request: web.Request, upstream: Upstream, repo: str, digest: str, principal: Principal
@@ -279,6 +298,8 @@ class BlobService:
         resp = answer.response()
         if answer.status == 304:
             return resp
+        # asked now: once the client is gone, the request no longer knows which socket it came by
+        secondary = from_secondary(request)
         try:
             if not head and len(answer.parts) == 1 and answer.multipart is None and fetch.tmp_name \
                     and follow.wants_follow(request):
@@ -292,16 +313,16 @@ class BlobService:
                 await self._send(request, resp, fetch, 0, None)
             else:
                 await answer.send(resp, lambda start, stop: self._send(request, resp, fetch, start, stop))
-        except ConnectionError:
-            return resp  # the client went away; the fetch goes on without it
+            await resp.write_eof()
+        except ConnectionError as exc:
+            if not secondary:  # a secondary worker's client that left is counted there
+                sending.client_left(request, exc)
         except FetchFailed as exc:
             log.warning("aborting %s %s: %s", request.method, request.path, exc)
             if request.transport is not None:
                 request.transport.abort()
             request[RESULT] = "error"
-            return resp
-        await resp.write_eof()
-        return resp
+        return resp  # whatever became of this client, the fetch goes on for the others
 
     async def _send(self, request: web.Request, resp: web.StreamResponse, fetch: Fetch, start: int,
                     end: int | None) -> None:
@@ -309,15 +330,15 @@ class BlobService:
 
         With no length known the body is chunked, which sendfile cannot frame: it is copied.
         """
-        transport = request.transport
-        if end is None or transport is None:
-            async for span in fetch.spans(start, end):
-                await resp.write(fetch.pread(span))
-            return
-        loop = asyncio.get_running_loop()
-        with fetch.open_file() as file:
-            async for span in fetch.spans(start, end):
-                if span.data is None:
-                    await loop.sendfile(transport, file, span.offset, span.count)
-                else:
-                    await resp.write(span.data)
+        # aclosing: a reader that stops (its client left) is no longer waited for at once
+        async with contextlib.aclosing(fetch.spans(start, end)) as spans:
+            if end is None:
+                async for span in spans:
+                    await resp.write(fetch.pread(span))
+                return
+            with fetch.open_file() as file:
+                async for span in spans:
+                    if span.data is None:
+                        await sending.send_file(request, file, span.offset, span.count)
+                    else:
+                        await resp.write(span.data)

@@ -11,7 +11,9 @@ instead of the bytes:
 
 The secondary sends file stretches to its client with sendfile, as the primary
 would. If the fetch fails the primary cuts the stream short, and the secondary
-cuts its client off, so a bad blob reaches nobody whole.
+cuts its client off, so a bad blob reaches nobody whole. The secondary opens the
+file before it sends its client anything; if the fetch was stored and the blob
+evicted before it could, it asks the primary again without following (`Vanished`).
 
 Only the whole blob or one range is followed. Several ranges (a multipart/byteranges
 answer: a zstd:chunked table of contents, or chunks of it) come whole through the
@@ -19,7 +21,6 @@ socket, framing and bytes, as the primary writes them for its own clients.
 """
 from __future__ import annotations
 
-import asyncio
 import re
 import struct
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import BinaryIO
 import aiohttp
 from aiohttp import web
 
+from mirror.proxy import sending
 from mirror.proxy.inflight import Fetch
 from mirror.reference import parse_digest
 from mirror.requestinfo import BODY_LENGTH, from_secondary
@@ -56,8 +58,15 @@ async def send_progress(request: web.Request, resp: web.StreamResponse, fetch: F
             await resp.write(_HEADER.pack(b"D", len(span.data)) + span.data)
 
 
+class Vanished(Exception):
+    """Neither the temp file nor the stored blob is there (stored, then evicted): nothing was sent."""
+
+
 def _open(store: ContentStore, temp_name: str, digest: str) -> BinaryIO:
-    """The temp file, or the blob itself if the fetch was committed (renamed) meanwhile."""
+    """The temp file, or the blob itself if the fetch was committed (renamed) meanwhile.
+
+    Raises FileNotFoundError if both are gone, OSError for a name that is not a temp file's.
+    """
     if not temp_name or Path(temp_name).name != temp_name or temp_name in (".", ".."):
         raise OSError(f"unexpected temp file name {temp_name!r}")
     try:
@@ -75,6 +84,8 @@ async def relay(request: web.Request, answer: aiohttp.ClientResponse, response: 
     """Secondary: send the client what the primary's messages describe; raise if they stop short.
 
     `response` carries the primary's status and headers; its body comes from the temp file.
+    Raises Vanished, before anything is sent, if neither that file nor the blob can be opened;
+    ClientGone if the client goes away.
     """
     total = int(answer.headers[BODY_LENGTH])
     first = _FIRST_BYTE.match(answer.headers.get("Content-Range", ""))
@@ -84,13 +95,16 @@ async def relay(request: web.Request, answer: aiohttp.ClientResponse, response: 
     for name in (TEMP_FILE, BODY_LENGTH):
         response.headers.popall(name, None)
     response.content_length = total
-    loop = asyncio.get_running_loop()
-    with _open(store, answer.headers[TEMP_FILE], digest) as file:
+    try:
+        file = _open(store, answer.headers[TEMP_FILE], digest)
+    except FileNotFoundError as exc:
+        raise Vanished(str(exc)) from None
+    with file:
         await response.prepare(request)
         while pos < end:
             kind, value = _HEADER.unpack(await answer.content.readexactly(_HEADER.size))
-            if kind == b"F" and request.transport is not None:
-                await loop.sendfile(request.transport, file, pos, value - pos)
+            if kind == b"F":
+                await sending.send_file(request, file, pos, value - pos)
                 pos = value
             elif kind == b"D":
                 await response.write(await answer.content.readexactly(value))

@@ -3,7 +3,8 @@
 The request goes over whole (method, path, headers, body) with the client's
 address and scheme added; the primary's answer streams back unchanged, status,
 headers and body, so the client cannot tell which worker it reached. The
-primary logs and counts the request; the secondary does neither.
+primary logs and counts the request; the secondary does neither, except for a
+client that goes away mid-answer, which only the secondary sees.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from mirror.errors import Handler, NeedsPrimary, RegistryError, error_response
+from mirror.proxy import sending
 from mirror.storage.blobs import ContentStore
 from mirror.workers import follow
 from mirror.requestinfo import CLIENT_ADDRESS, CLIENT_SCHEME, FORWARDED, HANDED_BY
@@ -60,7 +62,12 @@ class PrimaryLink:
             self._session = None
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
-        """Send `request` to the primary and stream its answer to the client."""
+        """Send `request` to the primary and stream its answer to the client.
+
+        A blob GET asks to follow the primary's temp file; if that file and the blob are
+        both gone by the time this worker opens them (stored, then evicted), it asks again
+        for the bytes themselves, which the primary then has to fetch anew.
+        """
         request[FORWARDED] = True
         # A multidict: clients repeat headers (Accept), and each line must reach the primary.
         headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP)
@@ -70,6 +77,15 @@ class PrimaryLink:
         if request.method == "GET" and "/blobs/" in request.path:
             headers[follow.FOLLOW] = "1"
         body = await request.read() if request.can_read_body else None
+        try:
+            return await self._exchange(request, headers, body)
+        except follow.Vanished as exc:
+            log.debug("%s: %s; asking the primary for the bytes", request.path, exc)
+            headers.popall(follow.FOLLOW)
+            return await self._exchange(request, headers, body)
+
+    async def _exchange(self, request: web.Request, headers: CIMultiDict[str], body: bytes | None) -> web.StreamResponse:
+        """One request to the primary, its answer relayed; raises follow.Vanished (nothing sent yet)."""
         try:
             answer = await self.session.request(
                 request.method, URL(f"http://primary{request.raw_path}", encoded=True), headers=headers, data=body,
@@ -92,15 +108,18 @@ class PrimaryLink:
                 await response.prepare(request)
                 async for chunk in answer.content.iter_chunked(_CHUNK):
                     await response.write(chunk)
+                await response.write_eof()
+            except sending.ClientGone as exc:
+                sending.client_left(request, exc)
             except (aiohttp.ClientError, asyncio.TimeoutError, asyncio.IncompleteReadError, OSError) as exc:
+                # a write to a client that left raises only once its transport is closing
                 if request.transport is None or request.transport.is_closing():
-                    return response  # the client went away
+                    sending.client_left(request, exc)
+                    return response
                 log.warning("the primary worker's answer to %s broke off: %s", request.path, exc)
                 if not response.prepared:
                     return _unavailable()
                 request.transport.abort()  # rather than end a short body as if it were whole
-                return response
-            await response.write_eof()
             return response
 
 

@@ -5,10 +5,12 @@ import asyncio
 import base64
 import hashlib
 import json
+import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -23,8 +25,9 @@ from mirror.workers import follow
 from mirror.workers.follow import TEMP_FILE
 from mirror.workers.role import WorkerRole
 from tests.byteranges import parse_byteranges
+from tests.proxy.test_blob_races import BOUND, Gate, ProductionServer, assert_quiet, connections, disconnects, evict, until
 from tests.conftest import mirror_config
-from tests.fakes.registry import FakeRegistry
+from tests.fakes.registry import FakeRegistry, digest_of
 
 ACCEPT = {"Accept": "application/vnd.docker.distribution.manifest.v2+json"}
 
@@ -36,6 +39,7 @@ class Group:
     socket: str
     followed: list[str]  # paths the primary answered with its temp file for the secondary to follow
     primary: web.Application
+    secondary_app: web.Application
 
     async def settled(self) -> None:
         """Wait for the primary's background database writes (siblings read what it learnt there)."""
@@ -65,8 +69,9 @@ async def group(fake_registry: FakeRegistry, tmp_path: Path, multiprocess_values
     runner = web.AppRunner(primary)
     await runner.setup()
     await web.UnixSite(runner, socket).start()
-    secondary = await aiohttp_client(make_app(config, role=WorkerRole(1, key, socket, multiprocess_values)))
-    yield Group(secondary, seen, socket, followed, primary)
+    secondary_app = make_app(config, role=WorkerRole(1, key, socket, multiprocess_values))
+    secondary = await aiohttp_client(ProductionServer(secondary_app))
+    yield Group(secondary, seen, socket, followed, primary, secondary_app)
     await runner.cleanup()
 
 
@@ -181,7 +186,7 @@ async def test_a_temp_file_the_secondary_cannot_open_is_a_503_not_an_empty_200(
     fake_registry.add_image("library/app", "v1", [layer])
 
     def gone(*args: object) -> None:
-        raise FileNotFoundError("the temp file and the blob are both gone")
+        raise PermissionError("the temp file cannot be read")
 
     monkeypatch.setattr(follow, "_open", gone)
     resp = await group.secondary.get(f"/v2/library/app/blobs/sha256:{hashlib.sha256(layer).hexdigest()}")
@@ -225,3 +230,103 @@ async def test_kind10_several_ranges_of_a_hit_are_served_by_the_secondary(group:
         ("application/octet-stream", "bytes 0-9/100000", layer[:10]),
         ("application/octet-stream", "bytes 99990-99999/100000", layer[-10:])]
     assert group.primary_requests == [path]  # only the first, cold request reached the primary
+
+
+# -- issue 12, kinds 1 and 2: eviction races and clients that leave, through a secondary ------------
+
+async def _cached_through(group: Group, fake_registry: FakeRegistry, size: int = 300_000) -> tuple[str, bytes, str]:
+    """A blob pulled once through the secondary and stored by the primary: (digest, bytes, path)."""
+    layer = os.urandom(size)
+    digest = fake_registry.add_blob("library/app", layer)
+    path = f"/v2/library/app/blobs/{digest}"
+    assert await (await group.secondary.get(path)).read() == layer
+    await group.primary[SERVICES].blobs.inflight.idle()
+    await group.settled()
+    fake_registry.reset_counts()
+    group.primary_requests.clear()
+    return digest, layer, path
+
+
+@pytest.mark.parametrize("served_before", [True, False])
+@pytest.mark.parametrize("method, headers, status, part", [
+    ("GET", {}, 200, slice(None)),
+    ("HEAD", {}, 200, slice(0)),
+    ("GET", {"Range": "bytes=100-199"}, 206, slice(100, 200)),
+])
+async def test_kind1_a_hit_evicted_while_the_secondary_checks_it_is_still_sent_whole(
+        group: Group, fake_registry: FakeRegistry, monkeypatch: pytest.MonkeyPatch,
+        method: str, headers: dict[str, str], status: int, part: slice, served_before: bool) -> None:
+    """A secondary that served the blob before knows its link and sends the file it opened; one
+    that did not finds the link gone with the blob, and the primary fetches it again."""
+    digest, layer, path = await _cached_through(group, fake_registry)
+    if served_before:
+        assert (await group.secondary.get(path)).headers["X-Mirror-Cache"] == "hit"
+    metadata = group.secondary_app[SERVICES].blobs.metadata
+    gate = Gate()
+    monkeypatch.setattr(metadata, "is_linked", gate.wrap(metadata.is_linked))
+    pending = asyncio.ensure_future(group.secondary.request(method, path, headers=headers))
+    await asyncio.wait_for(gate.reached.wait(), BOUND)  # the secondary found the blob; its link check waits
+    await evict(group.primary[SERVICES], digest)  # the primary's eviction takes it
+    gate.release.set()
+    resp = await asyncio.wait_for(pending, BOUND)
+    assert resp.status == status and await resp.read() == layer[part]
+    assert resp.headers["Docker-Content-Digest"] == digest
+    assert int(resp.headers["Content-Length"]) == len(layer[part] if method == "GET" else layer)
+    if served_before:
+        assert resp.headers["X-Mirror-Cache"] == "hit"
+        assert group.primary_requests == [] and fake_registry.count("GET") == 0
+    else:
+        assert resp.headers["X-Mirror-Cache"] == "miss" and group.primary_requests == [path]
+
+
+async def test_kind1_a_blob_stored_and_evicted_before_the_secondary_opens_it_is_fetched_again(
+        group: Group, fake_registry: FakeRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Neither the temp file the primary named nor the stored blob is there when the secondary
+    opens them: it asks the primary for the bytes instead, and the primary fetches them anew."""
+    layer = os.urandom(1 << 20)
+    digest = fake_registry.add_blob("library/app", layer)
+    path = f"/v2/library/app/blobs/{digest}"
+    primary = group.primary[SERVICES]
+    relay = follow.relay
+
+    async def late(*args: Any) -> None:
+        await primary.blobs.inflight.idle()  # the fetch is stored (its temp file renamed) ...
+        await evict(primary, digest)  # ... and evicted, before the secondary opens either
+        await relay(*args)
+
+    monkeypatch.setattr(follow, "relay", late)
+    resp = await asyncio.wait_for(group.secondary.get(path), BOUND)
+    assert resp.status == 200 and await asyncio.wait_for(resp.read(), BOUND) == layer
+    assert int(resp.headers["Content-Length"]) == len(layer) and TEMP_FILE not in resp.headers
+    assert group.primary_requests == [path, path] and group.followed == [path]
+    assert fake_registry.count("GET", "blob") == 2
+    await primary.blobs.inflight.idle()
+    assert primary.blobs.store.size(digest) == len(layer)
+
+
+async def test_kind2_a_client_leaving_a_followed_blob_is_counted_once_and_the_fetch_goes_on(
+        group: Group, fake_registry: FakeRegistry, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    layer = os.urandom(2_000_000)
+    digest = fake_registry.add_blob("library/app", layer)
+    path = f"/v2/library/app/blobs/{digest}"
+    fake_registry.stall = stall = asyncio.Event()  # upstream sends its first chunk, then waits
+    leaving = await asyncio.wait_for(group.secondary.get(path), BOUND)
+    assert await asyncio.wait_for(leaving.content.readexactly(1000), BOUND) == layer[:1000]
+    fetch = group.primary[SERVICES].blobs.inflight._fetches[digest]
+    staying = asyncio.ensure_future(group.secondary.get(path))
+    await until(lambda: fetch._readers == 2)
+    held = connections(group.secondary)
+    leaving.close()
+    await until(lambda: connections(group.secondary) == held - 1)  # the secondary saw it leave
+    stall.set()  # the next stretch goes to a closed connection
+    resp = await asyncio.wait_for(staying, BOUND)
+    assert resp.status == 200 and await asyncio.wait_for(resp.read(), BOUND) == layer
+    await group.primary[SERVICES].blobs.inflight.idle()
+    assert digest_of(group.primary[SERVICES].blobs.store.path(digest).read_bytes()) == digest
+    await until(lambda: fetch._readers == 0)  # the primary let go of the follower that left, too
+    # one count, by the secondary: the primary does not count its follower's leaving again
+    # (in one test process both workers' values land in the same multiprocess file)
+    assert disconnects(group.secondary_app[SERVICES]) == 1
+    assert group.followed == [path, path] and fake_registry.count("GET", "blob") == 1
+    assert_quiet(caplog)
