@@ -12,6 +12,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -243,37 +244,40 @@ async def test_kind2_a_client_leaving_during_sendfile_of_a_hit(
     assert_quiet(caplog)
 
 
+class _Transport:
+    """As much of an asyncio transport as `send_file` asks about."""
+
+    def __init__(self) -> None:
+        self.closing = False
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def abort(self) -> None:
+        self.closing = True
+
+
+@pytest.mark.parametrize("raised, closes, gone", [
+    (RuntimeError("Transport is closing"), True, True),  # asyncio's word for a transport that is closing
+    (ConnectionResetError("reset"), False, True),
+    (BrokenPipeError("broken pipe"), False, True),
+    (OSError(9, "bad file descriptor"), True, True),  # the socket closed under the copy
+    (OSError(5, "input/output error"), False, False),  # reading the file failed: a fault, not a departure
+    (RuntimeError("sendfile is not supported"), False, False),
+])
 async def test_kind2_send_file_tells_a_departure_from_a_fault(
-        mirror: Mirror, fake_registry: FakeRegistry, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """A closing transport or a reset is ClientGone; a failing file read is not hidden as one."""
-    loop = asyncio.get_running_loop()
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, raised: BaseException, closes: bool, gone: bool) -> None:
+    transport = _Transport()
+    request = SimpleNamespace(transport=transport)
 
-    class Transport:
-        closing = False
+    async def sendfile(*args: object) -> None:
+        transport.closing = closes
+        raise raised
 
-        def is_closing(self) -> bool:
-            return self.closing
-
-        def abort(self) -> None:
-            self.closing = True
-
-    class Request:
-        transport = Transport()
-
-    path = tmp_path / "f"
+    monkeypatch.setattr(asyncio.get_running_loop(), "sendfile", sendfile)
+    path = tmp_path / "blob"
     path.write_bytes(b"x")
-    for raised, gone in ((ConnectionResetError("reset"), True), (BrokenPipeError("pipe"), True),
-                         (OSError(5, "EIO"), False), (RuntimeError("Transport is closing"), True)):
-        Request.transport = Transport()
-
-        async def sendfile(*args: object, raised: BaseException = raised) -> None:
-            if isinstance(raised, RuntimeError):
-                Request.transport.closing = True  # as asyncio says it: the transport is closing
-            raise raised
-
-        monkeypatch.setattr(loop, "sendfile", sendfile)
-        with path.open("rb") as file:
-            with pytest.raises(sending.ClientGone if gone else OSError) as info:
-                await sending.send_file(Request(), file, 0, 1)  # type: ignore[arg-type]
-        assert isinstance(info.value, sending.ClientGone) == gone, raised
-        assert Request.transport.closing == gone  # a connection with a broken body is not reused
+    with path.open("rb") as file, pytest.raises(type(raised) if not gone else sending.ClientGone) as info:
+        await sending.send_file(request, file, 0, 1)  # type: ignore[arg-type]
+    assert (info.value is raised) != gone
+    assert transport.closing == (gone or closes)  # a connection whose body broke off is not used again
