@@ -21,6 +21,7 @@ socket, framing and bytes, as the primary writes them for its own clients.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import struct
 from pathlib import Path
@@ -51,11 +52,13 @@ async def send_progress(request: web.Request, resp: web.StreamResponse, fetch: F
     resp.headers[BODY_LENGTH] = str(end - start)
     resp.content_length = None  # the messages are chunked; the client's length travels in BODY_LENGTH
     await resp.prepare(request)
-    async for span in fetch.spans(start, end):
-        if span.data is None:
-            await resp.write(_HEADER.pack(b"F", span.offset + span.count))
-        else:
-            await resp.write(_HEADER.pack(b"D", len(span.data)) + span.data)
+    # aclosing: a follower that leaves stops holding back a pass-through (full disk) at once
+    async with contextlib.aclosing(fetch.spans(start, end)) as spans:
+        async for span in spans:
+            if span.data is None:
+                await resp.write(_HEADER.pack(b"F", span.offset + span.count))
+            else:
+                await resp.write(_HEADER.pack(b"D", len(span.data)) + span.data)
 
 
 class Vanished(Exception):
