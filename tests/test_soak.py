@@ -26,7 +26,7 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +41,7 @@ from mirror.proxy.inflight import Inflight
 from mirror.routes import SERVICES
 from mirror.server import MirrorRunner
 from mirror.storage.blobs import ContentStore
+from mirror.storage.metadata import Metadata
 from tests.conftest import FakeClock, mirror_config
 from tests.fakes.registry import DOCKER_MANIFEST, FakeRegistry, Image
 
@@ -91,7 +92,7 @@ class Outcome:
     status: int | None  # None: no answer at all
     body: Body
     oci: bool  # an error answer carried an OCI error body (HEADs carry none)
-    cached: bool  # the content sat in the store, the same file, from before the request until after
+    cached: bool  # the same file held the content from before the request until after, not being evicted
     fault: str | None  # the upstream fault the request overlapped (with GRACE), if any
     took: float
 
@@ -202,7 +203,30 @@ def _is_oci_error(data: bytes) -> bool:
         return False
 
 
-async def _request(client: TestClient, store: ContentStore, faults: Faults, pull: Pull, step: Step) -> Outcome:
+class Doomed:
+    """Files whose content eviction dropped from the index: from that moment the mirror treats
+    them as gone (rows go first, the files a moment later), so they are not content it must serve."""
+
+    def __init__(self, store: ContentStore) -> None:
+        self.store = store
+        self.files: set[tuple[int, int]] = set()
+
+    def watch(self, metadata: Metadata) -> None:
+        drop = metadata.drop_content
+
+        async def dropping(digests: Iterable[str]) -> None:
+            digests = list(digests)
+            self.files.update(i for d in digests if (i := _identity(self.store, d)) is not None)
+            await drop(digests)
+
+        metadata.drop_content = dropping  # type: ignore[method-assign]
+
+    def cached_throughout(self, before: tuple[int, int] | None, digest: str) -> bool:
+        """The file seen before the request is there after it, and was never given up."""
+        return before is not None and before == _identity(self.store, digest) and before not in self.files
+
+
+async def _request(client: TestClient, doomed: Doomed, faults: Faults, pull: Pull, step: Step) -> Outcome:
     """One request of a pull, its body checked against upstream's bytes."""
     method = "HEAD" if step.action == "head" else "GET"
     path = (f"/v2/{pull.repo}/manifests/{pull.tag}" if step.action == "manifest"
@@ -210,7 +234,7 @@ async def _request(client: TestClient, store: ContentStore, faults: Faults, pull
     headers = ACCEPT if step.action == "manifest" else {}
     if step.span is not None:
         headers = {"Range": f"bytes={step.span[0]}-{step.span[1]}"}
-    before = _identity(store, step.digest)
+    before = _identity(doomed.store, step.digest)
     start = time.monotonic()
     status: int | None = None
     body: Body = "none"
@@ -240,8 +264,8 @@ async def _request(client: TestClient, store: ContentStore, faults: Faults, pull
     except aiohttp.ClientError:
         body = "aborted"
     end = time.monotonic()
-    cached = before is not None and before == _identity(store, step.digest)
-    return Outcome(step, status, body, oci, cached, faults.met(start, end), end - start)
+    return Outcome(step, status, body, oci, doomed.cached_throughout(before, step.digest), faults.met(start, end),
+                   end - start)
 
 
 def _disk_bytes(data_dir: Path) -> int:
@@ -312,7 +336,8 @@ async def _soak(data_dir: Path) -> SoakResult:
     try:
         await client.start_server()
         services = app[SERVICES]
-        store, inflight = services.blobs.store, services.blobs.inflight
+        doomed, inflight = Doomed(services.blobs.store), services.blobs.inflight
+        doomed.watch(services.blobs.metadata)
 
         async def sample() -> None:
             while not done.is_set():
@@ -324,7 +349,7 @@ async def _soak(data_dir: Path) -> SoakResult:
         async def worker(queue: Iterator[Pull]) -> None:
             for pull in queue:
                 for step in pull.steps:
-                    outcomes.append(await _request(client, store, faults, pull, step))
+                    outcomes.append(await _request(client, doomed, faults, pull, step))
                 faults.pulled()
 
         sampler = asyncio.ensure_future(sample())
