@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -226,6 +227,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1234, help="seed of sizes and choices (default 1234)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results file to append to (default {DEFAULT_OUT})")
     p.add_argument("--no-write", action="store_true", help="print only; leave the results file alone")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (logs, cache, seeded files)")
     return p
 
 
@@ -332,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         if proxy is not None:
             proxy.stop()
         stop_all()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _report(args: argparse.Namespace, command: str, images: list[dict[str, Any]], total: int, cap: int,
