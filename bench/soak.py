@@ -46,8 +46,9 @@ class CappedMirror(Mirror):
     """The bench's mirror with a size cap, a short tag TTL (tags expire all along) and, if given,
     a worker count."""
 
-    def __init__(self, workdir: Path, upstream_url: str, cap: int, tag_ttl: str, workers: str | None) -> None:
-        super().__init__(workdir, upstream_url)
+    def __init__(self, workdir: Path, upstream_url: str, cap: int, tag_ttl: str, workers: str | None,
+                 src: Path | None) -> None:
+        super().__init__(workdir, upstream_url, src)
         self.cap, self.tag_ttl, self.workers = cap, tag_ttl, workers
 
     def write_config(self, data_dir: Path) -> Path:
@@ -227,6 +228,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1234, help="seed of sizes and choices (default 1234)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results file to append to (default {DEFAULT_OUT})")
     p.add_argument("--no-write", action="store_true", help="print only; leave the results file alone")
+    p.add_argument("--mirror-ref", help="run the mirror of this commit (exported with git archive) instead of "
+                   "the checkout as it is")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, cache, seeded files)")
     return p
 
@@ -235,13 +238,25 @@ def _log(message: str) -> None:
     print(f"[soak {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def _git(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=60, check=True)
+
+
+def export(ref: str, into: Path) -> tuple[Path, str]:
+    """The tree of `ref` in `into` (git archive: nothing uncommitted), and its short hash."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", ref], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into, _git("rev-parse", "--short", ref).stdout.strip()
+
+
 def _commit() -> str:
+    """The checkout's commit, and whether the mirror package differs from it."""
     try:
-        head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
+        head = _git("rev-parse", "--short", "HEAD").stdout.strip()
         dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "mirror"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
+    except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{head} (with uncommitted changes under mirror/)" if dirty else head
 
@@ -281,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         proxy = FaultProxy(upstream.url)
         proxy.start()
         assert proxy.url is not None
-        mirror = CappedMirror(workdir / "mirror", proxy.url, cap, args.tag_ttl, args.workers)
+        src, commit = export(args.mirror_ref, workdir / "src") if args.mirror_ref else (None, _commit())
+        mirror = CappedMirror(workdir / "mirror", proxy.url, cap, args.tag_ttl, args.workers, src)
         mirror.start()
         pid = mirror.pid()
         assert pid is not None
@@ -322,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         disk.stop()
         schedule.stop()
         log_errors = _grep(mirror.log, (" ERROR ", " CRITICAL ", "Traceback"))
-        lines = _report(args, command, images, total, cap, rows, latest, disk, log_errors)
+        lines = _report(args, command, commit, images, total, cap, rows, latest, disk, log_errors)
         print("\n".join(lines))
         if not args.no_write:
             with args.out.open("a") as out:
@@ -338,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _report(args: argparse.Namespace, command: str, images: list[dict[str, Any]], total: int, cap: int,
+def _report(args: argparse.Namespace, command: str, commit: str, images: list[dict[str, Any]], total: int, cap: int,
             rows: list[Row], final: dict[str, Any], disk: DiskWatch, log_errors: list[str]) -> list[str]:
     """The section for RESULTS.md: what ran, the table, the totals and the verdicts."""
     counts: dict[str, int] = final["counts"]
@@ -351,7 +367,7 @@ def _report(args: argparse.Namespace, command: str, images: list[dict[str, Any]]
         f"## Soak (issue 12): {args.clients} clients, {len(images)} images, a cap of half, faults every "
         f"{args.fault_every:g} s",
         "",
-        f"On {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, mirror at commit {_commit()}, "
+        f"On {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, mirror at commit {commit}, "
         f"`{command}`: {len(images)} images ({total / MiB:.1f} MiB, shared base layers "
         f"counted once), cap {cap / MiB:.1f} MiB, tag TTL {args.tag_ttl}, the mirror's default workers"
         f"{'' if not args.workers else f' ({args.workers})'}; upstream faults (refuse, 503, hang) for "
