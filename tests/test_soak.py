@@ -300,6 +300,8 @@ class _ProductionServer(TestServer):
 
 
 class _Collect(logging.Handler):
+    """ERROR records from every logger during the run (caplog is per test; the run is per module)."""
+
     def __init__(self) -> None:
         super().__init__(logging.ERROR)
         self.records: list[logging.LogRecord] = []
