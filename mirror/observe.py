@@ -60,12 +60,28 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
             try:
                 await response.prepare(request)
                 await response.write_eof()
-            except ConnectionError:
-                pass  # the client went away mid-answer: nothing to log but the access line
+            except ConnectionError as exc:
+                client_left(request, exc)
         return response
     finally:
         if not request.get(FORWARDED):  # else the primary worker, which answered it, counts it
             _count(request, response, time.perf_counter() - started)
+
+
+
+_COUNTED = web.RequestKey("client_left_counted", bool)
+
+
+def client_left(request: web.Request, reason: BaseException | None = None) -> None:
+    """Note that the request's client went away mid-answer: a debug line and one count per request."""
+    if request.get(_COUNTED):
+        return
+    request[_COUNTED] = True
+    kind = request.get(KIND, "other")
+    request.app[METRICS].client_disconnects.labels(kind).inc()
+    logging.getLogger("mirror.clients").debug(
+        "client %s left before the answer to %s %s was whole: %s",
+        request.remote, request.method, request.path, reason or "connection closed")
 
 
 def _count(request: web.Request, response: StreamResponse | None, seconds: float) -> None:

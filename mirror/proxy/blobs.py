@@ -29,6 +29,7 @@ from aiohttp import web
 from cachetools import LRUCache
 
 from mirror.errors import RegistryError
+from mirror.observe import client_left
 from mirror.proxy import ranges, sending
 from mirror.proxy.access import AccessPolicy, Principal
 from mirror.proxy.inflight import Fetch, FetchFailed, Inflight
@@ -137,7 +138,7 @@ class SentFile(web.StreamResponse):
             await self.write_eof()
             return writer
         except ConnectionError as exc:
-            sending.client_left(request, exc)
+            client_left(request, exc)
             raise
         finally:
             self._file.close()
@@ -316,7 +317,7 @@ class BlobService:
             await resp.write_eof()
         except ConnectionError as exc:
             if not secondary:  # a secondary worker's client that left is counted there
-                sending.client_left(request, exc)
+                client_left(request, exc)
         except FetchFailed as exc:
             log.warning("aborting %s %s: %s", request.method, request.path, exc)
             if request.transport is not None:

@@ -14,17 +14,10 @@ connection, so callers handle every departure with one `except ConnectionError`.
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import BinaryIO
 
 from aiohttp import web
 
-from mirror.observe import METRICS
-from mirror.requestinfo import KIND
-
-log = logging.getLogger("mirror.sending")
-
-_COUNTED = web.RequestKey("client_left_counted", bool)
 
 
 class ClientGone(ConnectionResetError):
@@ -48,14 +41,3 @@ async def send_file(request: web.Request, file: BinaryIO, offset: int, count: in
             raise
         transport.abort()
         raise ClientGone(f"the client went away: {exc}") from exc
-
-
-def client_left(request: web.Request, reason: BaseException | None = None) -> None:
-    """Note that the request's client went away mid-answer: a debug line and one count per request."""
-    if request.get(_COUNTED):
-        return
-    request[_COUNTED] = True
-    kind = request.get(KIND, "other")
-    request.app[METRICS].client_disconnects.labels(kind).inc()
-    log.debug("client %s left before the answer to %s %s was whole: %s",
-              request.remote, request.method, request.path, reason or "connection closed")

@@ -18,6 +18,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from mirror.errors import Handler, NeedsPrimary, RegistryError, error_response
+from mirror.observe import client_left
 from mirror.proxy import sending
 from mirror.storage.blobs import ContentStore
 from mirror.workers import follow
@@ -110,11 +111,11 @@ class PrimaryLink:
                     await response.write(chunk)
                 await response.write_eof()
             except sending.ClientGone as exc:
-                sending.client_left(request, exc)
+                client_left(request, exc)
             except (aiohttp.ClientError, asyncio.TimeoutError, asyncio.IncompleteReadError, OSError) as exc:
                 # a write to a client that left raises only once its transport is closing
                 if request.transport is None or request.transport.is_closing():
-                    sending.client_left(request, exc)
+                    client_left(request, exc)
                     return response
                 log.warning("the primary worker's answer to %s broke off: %s", request.path, exc)
                 if not response.prepared:

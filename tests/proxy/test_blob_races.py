@@ -17,10 +17,12 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 
 from mirror.app import make_app
+from mirror.observe import metrics_middleware
 from mirror.proxy import sending
+from mirror.requestinfo import KIND
 from mirror.routes import SERVICES, Services
 from mirror.server import MirrorRunner
 from tests.byteranges import parse_byteranges
@@ -218,7 +220,7 @@ async def test_kind2_a_client_leaving_during_sendfile_of_a_growing_file(
     assert digest_of(stored.read_bytes()) == digest
     await until(lambda: disconnects(mirror.services) == 1)
     assert fake_registry.count("GET", "blob") == 1
-    assert any(r.name == sending.log.name and r.levelno == logging.DEBUG for r in caplog.records)
+    assert any(r.name == "mirror.clients" and r.levelno == logging.DEBUG for r in caplog.records)
     assert_quiet(caplog)
 
 
@@ -281,3 +283,20 @@ async def test_kind2_send_file_tells_a_departure_from_a_fault(
         await sending.send_file(request, file, 0, 1)  # type: ignore[arg-type]
     assert (info.value is raised) != gone
     assert transport.closing == (gone or closes)  # a connection whose body broke off is not used again
+
+
+async def test_kind2_a_client_leaving_a_small_answer_is_counted_by_the_middleware(mirror: Mirror) -> None:
+    """Answers the middleware sends itself (manifests, errors) count a departure the same way."""
+    class Gone(web.Response):
+        async def prepare(self, request: web.BaseRequest):  # type: ignore[no-untyped-def]
+            raise ConnectionResetError("Cannot write to closing transport")
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        request[KIND] = "manifest"
+        return Gone(body=b"{}")
+
+    request = make_mocked_request("GET", "/v2/library/app/manifests/1", app=mirror.app)
+    await metrics_middleware(request, handler)
+    await metrics_middleware(request, handler)  # once per request, however often it is noticed
+    counter = mirror.services.metrics.client_disconnects.labels("manifest")
+    assert counter._value.get() == 1
