@@ -51,12 +51,14 @@ def make_app(config: Config, clock: Callable[[], float] = time.time, role: Worke
     secondary = role is not None and not role.primary
     metrics = Metrics(role.metrics_dir if role else None)
     store = ContentStore(data_dir)
-    metadata = Metadata(data_dir / "index.db")
+    # stored bytes and bytes being fetched wake eviction as they cross the cap (storage knows no cache)
+    metadata = Metadata(data_dir / "index.db", on_grown=lambda: evictor.stored())
     upstream_tokens = TokenCache(clock)
     limits = RateLimits(metrics, clock)
     upstreams = {name: Upstream(cfg, upstream_tokens, limits, metrics, local_only=secondary)
                  for name, cfg in config.upstreams.items()}
-    inflight = Inflight(store, metrics, on_disk_full=lambda: evictor.wake(), local_only=secondary)
+    inflight = Inflight(store, metrics, on_disk_full=lambda: evictor.wake(), local_only=secondary,
+                        on_written=lambda: evictor.written(), before_commit=lambda: evictor.room())
     access = AccessPolicy(metadata, clock)
     router = Router(upstreams, config.server.default_upstream)
     services = routes.Services(
@@ -73,7 +75,7 @@ def make_app(config: Config, clock: Callable[[], float] = time.time, role: Worke
 
     lock = DataDirLock(data_dir)
     cap = lambda: cap_bytes(config.cache.max_size, data_dir)  # noqa: E731 (a share of the disk is read anew)
-    evictor = Evictor(store, metadata, metrics, cap, services.manifests.forget)
+    evictor = Evictor(store, metadata, metrics, cap, services.manifests.forget, inflight.bytes_in_flight)
     metrics.watch_cache(lambda: read_cache_usage(metadata.path), cap)
     admin = CacheAdmin(store, metadata, services.router, evictor, cap, clock, inflight.temp_files,
                        lambda: hit_ratio(metrics))

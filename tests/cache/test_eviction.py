@@ -1,22 +1,33 @@
-"""The size cap: least-recently-used images leave whole, pinned ones never, nothing in flight breaks."""
+"""The size cap: least-recently-used images leave whole, pinned ones never, nothing in flight breaks,
+and writes that cross the cap evict at once (no timer): the data directory stays within the cap
+plus what the running fetches are writing."""
 from __future__ import annotations
 
+import asyncio
+import os
 from pathlib import Path
 
 import pytest
 
+from mirror.adminapi import ADMIN
 from mirror.app import make_app
+from mirror.cache import eviction
 from mirror.cache.eviction import Evictor, cap_bytes
 from tests.conftest import FakeClock, Mirror, mirror_config
 from tests.fakes.registry import FakeRegistry, Image
 from tests.proxy.test_manifests import ACCEPT
 
+CAP = 1_000_000
 LAYER = 100_000
 
 
 @pytest.fixture
-async def small_mirror(aiohttp_client, fake_registry: FakeRegistry, tmp_path: Path) -> Mirror:  # type: ignore[no-untyped-def]
-    """A mirror whose cache holds about three of the test images (cap 1 MB)."""
+async def small_mirror(aiohttp_client, fake_registry: FakeRegistry, tmp_path: Path,  # type: ignore[no-untyped-def]
+                       monkeypatch: pytest.MonkeyPatch) -> Mirror:
+    """A mirror whose cache holds about four of the two-layer test images (cap 1 MB).
+
+    Its eviction timer never fires during a test: only writes can start an eviction."""
+    monkeypatch.setattr(eviction, "CHECK_EVERY", 3600.0)
     assert fake_registry.url
     clock = FakeClock()
     app = make_app(mirror_config(fake_registry.url, tmp_path / "data", max_size="1MB"), clock=clock)
@@ -24,8 +35,19 @@ async def small_mirror(aiohttp_client, fake_registry: FakeRegistry, tmp_path: Pa
 
 
 def evictor(mirror: Mirror) -> Evictor:
-    svc = mirror.services
-    return Evictor(svc.blobs.store, svc.blobs.metadata, svc.metrics, lambda: 1_000_000, svc.manifests.forget)
+    """The mirror's own evictor, whose loop runs in the background."""
+    return mirror.app[ADMIN].evictor
+
+
+def on_disk(mirror: Mirror) -> tuple[int, int]:
+    """Bytes in files under content/ and under tmp/ (the temp files of running fetches)."""
+    store = mirror.services.blobs.store
+    content = sum(f.stat().st_size for sub in store.content_dir.iterdir() for f in sub.iterdir())
+    return content, sum(f.stat().st_size for f in store.tmp_dir.iterdir())
+
+
+def add_image(registry: FakeRegistry, n: int, layers: int = 2) -> Image:
+    return registry.add_image(f"library/app{n}", "1", [bytes([n]) * LAYER + bytes([m]) for m in range(layers)])
 
 
 async def pull(mirror: Mirror, repo: str, image: Image) -> None:
@@ -50,42 +72,46 @@ def test_cap_in_bytes_or_share_of_disk(tmp_path: Path) -> None:
 
 async def test_least_recently_used_images_leave_whole(small_mirror: Mirror, fake_registry: FakeRegistry) -> None:
     images = {}
-    for n in range(5):  # 5 images × 3 × 100 kB = 1.5 MB against a 1 MB cap
-        images[n] = fake_registry.add_image(f"library/app{n}", "1", [bytes([n]) * LAYER + bytes([m]) for m in range(3)])
+    for n in range(4):  # 4 images × 2 × 100 kB: just under the 1 MB cap
+        images[n] = add_image(fake_registry, n)
         await pull(small_mirror, f"library/app{n}", images[n])
         small_mirror.clock.advance(10)
+    metrics = small_mirror.services.metrics
+    assert metrics.evictions._value.get() == 0
     await pull(small_mirror, "library/app0", images[0])  # app0 is now the most recently used
-    removed, freed = await evictor(small_mirror).evict()
-    assert removed and freed >= 500_000
-    metadata = small_mirror.services.blobs.metadata
-    assert metadata.size <= 900_000
+    small_mirror.clock.advance(10)
+    images[4] = add_image(fake_registry, 4)
+    await pull(small_mirror, "library/app4", images[4])  # past the cap: app1, the least recently used, goes
+    assert small_mirror.services.blobs.metadata.size <= CAP
     for n in range(5):
         assert len(cached(small_mirror, images[n])) == 1, f"image {n} was cut in half"
-    assert cached(small_mirror, images[0]) == {True}
-    assert cached(small_mirror, images[4]) == {True}
     assert cached(small_mirror, images[1]) == {False}
-    metrics = small_mirror.services.metrics
-    assert metrics.evictions._value.get() == removed
-    assert metrics.evicted_bytes._value.get() == freed
+    for n in (0, 3, 4):
+        assert cached(small_mirror, images[n]) == {True}, f"image {n} was evicted before app1"
+    assert metrics.evictions._value.get() >= 4  # manifest, config, two layers
+    assert metrics.evicted_bytes._value.get() >= 2 * LAYER
     # an evicted image pulls again, from upstream
     fake_registry.reset_counts()
     await pull(small_mirror, "library/app1", images[1])
-    assert fake_registry.count(method="GET", kind="blob") == 4
+    assert fake_registry.count(method="GET", kind="blob") == 3
 
 
 async def test_pinned_images_are_never_evicted(small_mirror: Mirror, fake_registry: FakeRegistry) -> None:
     images = {}
-    for n in range(5):
-        images[n] = fake_registry.add_image(f"library/app{n}", "1", [bytes([n]) * LAYER + bytes([m]) for m in range(3)])
+    metadata = small_mirror.services.blobs.metadata
+    for n in range(6):  # 6 images × 200 kB against a 1 MB cap, the first two pinned as they arrive
+        images[n] = add_image(fake_registry, n)
         await pull(small_mirror, f"library/app{n}", images[n])
         small_mirror.clock.advance(10)
-    metadata = small_mirror.services.blobs.metadata
-    await metadata.add_pin("docker.io", "library/app0", "1")
-    await metadata.add_pin("docker.io", "library/app1", images[1].digest)
-    await evictor(small_mirror).evict()
+        if n == 0:
+            await metadata.add_pin("docker.io", "library/app0", "1")
+        if n == 1:
+            await metadata.add_pin("docker.io", "library/app1", images[1].digest)
+    assert small_mirror.services.metrics.evictions._value.get() > 0
     assert cached(small_mirror, images[0]) == {True}
     assert cached(small_mirror, images[1]) == {True}
     assert cached(small_mirror, images[2]) == {False}
+    assert cached(small_mirror, images[5]) == {True}
 
 
 async def test_index_parts_age_together(small_mirror: Mirror, fake_registry: FakeRegistry) -> None:
@@ -132,3 +158,129 @@ async def test_a_layer_shared_with_a_recent_image_stays(small_mirror: Mirror, fa
     assert cached(small_mirror, old) == {False, True}  # its own layer went, the shared one stayed
     assert cached(small_mirror, new) == {True}
     assert small_mirror.services.blobs.store.size(old.layer_digests[1]) is None
+
+
+async def fetch_blob(mirror: Mirror, repo: str, digest: str) -> bytes:
+    resp = await mirror.client.get(f"/v2/{repo}/blobs/{digest}")
+    assert resp.status == 200
+    return await resp.read()
+
+
+async def test_a_fetch_past_the_cap_evicts_before_it_is_stored(small_mirror: Mirror, fake_registry: FakeRegistry) -> None:
+    """No timer tick, no sleep: the eviction ran while the fetch wrote, and the blob was
+    committed into the room it made."""
+    old = [fake_registry.add_blob("library/fill", os.urandom(300_000)) for _ in range(3)]
+    for digest in old:
+        await fetch_blob(small_mirror, "library/fill", digest)
+        await small_mirror.settled()
+        small_mirror.clock.advance(10)
+    metrics = small_mirror.services.metrics
+    assert metrics.evictions._value.get() == 0
+    data = os.urandom(300_000)
+    new = fake_registry.add_blob("library/fill", data)
+    assert await fetch_blob(small_mirror, "library/fill", new) == data
+    await small_mirror.settled()
+    assert metrics.evictions._value.get() > 0
+    store = small_mirror.services.blobs.store
+    assert store.size(old[0]) is None, "the least recently used blob stays past the cap"
+    assert store.size(new) == len(data)
+    assert small_mirror.services.blobs.metadata.size <= CAP
+    content, tmp = on_disk(small_mirror)
+    assert content <= CAP and tmp == 0
+
+
+async def test_the_data_directory_stays_within_the_cap_plus_running_fetches(
+    small_mirror: Mirror, fake_registry: FakeRegistry
+) -> None:
+    """A burst of concurrent misses that adds up to more than the cap: at every write and every
+    new row, files under content/ and tmp/ add up to no more than the cap plus the temp files."""
+    pinned = add_image(fake_registry, 0, layers=1)
+    await pull(small_mirror, "library/app0", pinned)
+    await small_mirror.services.blobs.metadata.add_pin("docker.io", "library/app0", "1")
+    old = [fake_registry.add_blob("library/burst", os.urandom(200_000)) for _ in range(4)]
+    for digest in old:  # with the pinned image: about 900 kB cached
+        await fetch_blob(small_mirror, "library/burst", digest)
+        await small_mirror.settled()
+        small_mirror.clock.advance(10)
+    bodies = {fake_registry.add_blob("library/burst", body): body for body in (os.urandom(60_000) for _ in range(8))}
+
+    ev = evictor(small_mirror)
+    inflight = small_mirror.services.blobs.inflight
+    samples: list[tuple[int, int]] = []
+    all_writing = asyncio.Event()
+
+    def sampled(hook):  # type: ignore[no-untyped-def]
+        def run() -> None:
+            samples.append(on_disk(small_mirror))
+            if len(inflight.temp_files()) == len(bodies):
+                all_writing.set()
+            hook()
+        return run
+
+    ev.written, ev.stored = sampled(ev.written), sampled(ev.stored)  # type: ignore[method-assign]
+    fake_registry.stall = asyncio.Event()  # every fetch writes its first chunk, then waits
+    fake_registry.chunk_size = 16 * 1024
+    fake_registry.chunk_delay = 0.001
+    pulls = [asyncio.ensure_future(fetch_blob(small_mirror, "library/burst", d)) for d in bodies]
+    await all_writing.wait()
+    fake_registry.stall.set()
+    assert await asyncio.gather(*pulls) == list(bodies.values())
+    await small_mirror.settled()
+
+    assert len(samples) >= 8 * 4  # a sample per written chunk at least
+    over = [(content, tmp) for content, tmp in samples if content + tmp > CAP + tmp]
+    assert not over, f"{len(over)} of {len(samples)} samples over the cap plus the running fetches: {over[:3]}"
+    assert max(tmp for _content, tmp in samples) >= 8 * 16 * 1024  # all eight were writing at once
+    assert small_mirror.services.metrics.evicted_bytes._value.get() >= 2 * 200_000
+    assert cached(small_mirror, pinned) == {True}
+    store = small_mirror.services.blobs.store
+    assert store.size(old[0]) is None and store.size(old[1]) is None
+    assert all(store.size(d) == len(body) for d, body in bodies.items())
+    content, tmp = on_disk(small_mirror)
+    assert content <= CAP and tmp == 0
+
+
+async def test_a_burst_of_wakes_runs_one_eviction_and_leaves_one_pending(
+    small_mirror: Mirror, fake_registry: FakeRegistry
+) -> None:
+    """While one eviction runs, many writes past the cap ask for more: one more runs after it.
+    Clients get their whole blobs meanwhile; only the commits wait for the room."""
+    old = [fake_registry.add_blob("library/fill", os.urandom(300_000)) for _ in range(3)]
+    for digest in old:
+        await fetch_blob(small_mirror, "library/fill", digest)
+        await small_mirror.settled()
+        small_mirror.clock.advance(10)
+    ev = evictor(small_mirror)
+    await ev.room()  # no eviction left running from before
+    evict = ev.evict
+    runs = 0
+    asks = 0
+    gate = asyncio.Event()
+
+    async def gated(force: bool = False) -> tuple[int, int]:
+        nonlocal runs
+        runs += 1
+        await gate.wait()
+        return await evict(force)
+
+    def counted() -> None:
+        nonlocal asks
+        asks += ev.used() > CAP
+        written()
+
+    written = ev.written
+    ev.evict, ev.written = gated, counted  # type: ignore[method-assign]
+    bodies = {fake_registry.add_blob("library/fill", body): body for body in (os.urandom(100_000) for _ in range(6))}
+    fake_registry.chunk_size = 16 * 1024
+    fake_registry.chunk_delay = 0.001  # a batch per chunk: many writes past the cap
+    got = await asyncio.gather(*(fetch_blob(small_mirror, "library/fill", d) for d in bodies))
+    assert got == list(bodies.values())
+    assert asks >= 12 and runs == 1  # one eviction started, held at the gate; the rest wait as one
+    assert set(small_mirror.services.blobs.inflight.temp_files()) != set()  # commits wait for room
+    gate.set()
+    await ev.room()
+    assert runs == 2
+    await small_mirror.settled()
+    store = small_mirror.services.blobs.store
+    assert all(store.size(d) == len(body) for d, body in bodies.items())
+    assert small_mirror.services.blobs.metadata.size <= CAP
