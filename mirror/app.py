@@ -112,6 +112,9 @@ def make_app(config: Config, clock: Callable[[], float] = time.time, role: Worke
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        for revalidations in (services.manifests.background, access.background, services.tags.background,
+                              services.referrers.background):
+            await revalidations.close()
         await inflight.close()
         for upstream in upstreams.values():
             await upstream.close()

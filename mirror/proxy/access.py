@@ -105,6 +105,13 @@ class Background:
         while self._tasks:
             await asyncio.wait(set(self._tasks))
 
+    async def close(self) -> None:
+        """Cancel what is left (at shutdown: before the upstream sessions and the database close
+        under it) and wait until it has ended."""
+        for task in list(self._tasks):
+            task.cancel()
+        await self.idle()
+
 
 @dataclass(frozen=True)
 class Principal:

@@ -391,5 +391,12 @@ class SingleFlight:
         if fut is None:
             fut = asyncio.ensure_future(work())
             self._running[key] = fut
-            fut.add_done_callback(lambda _f: self._running.pop(key, None))
+            fut.add_done_callback(lambda f: self._ended(key, f))
         return await asyncio.shield(fut)
+
+    def _ended(self, key: Hashable, fut: asyncio.Future[Any]) -> None:
+        self._running.pop(key, None)
+        if not fut.cancelled():
+            # callers still waiting get the error raised; when all of them left (a revalidation
+            # cancelled at shutdown), it must not be reported as "never retrieved"
+            fut.exception()

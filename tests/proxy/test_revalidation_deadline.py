@@ -311,3 +311,23 @@ async def test_referrers_are_served_from_their_cache_by_the_deadline(mirror: Mir
     status, result, body, _ = await _timed_get(mirror, f"/v2/app/referrers/{image.digest}")
     assert (status, result) == (200, "hit") and later.encode() in body
     assert fake_registry.count() == 0
+
+
+async def test_revalidations_left_running_are_cancelled_before_shutdown_closes_the_database(
+        fake_registry: FakeRegistry, tmp_path: Path, aiohttp_client, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    clock = FakeClock()
+    assert fake_registry.url
+    app = make_app(mirror_config(fake_registry.url, tmp_path / "data", read_timeout=30.0, revalidate_timeout=0.2),
+                   clock=clock)
+    client = await aiohttp_client(app)
+    fake_registry.add_image("library/app", "1", 1)
+    assert (await client.get("/v2/library/app/manifests/1", headers=ACCEPT)).status == 200
+    clock.advance(TAG_TTL + 1)
+    fake_registry.stall_before_headers = True
+    resp = await asyncio.wait_for(client.get("/v2/library/app/manifests/1", headers=ACCEPT), BOUND)
+    assert resp.headers["X-Mirror-Cache"] == "stale"
+    assert app[SERVICES].manifests.background._tasks, "the revalidation goes on in the background"
+    await asyncio.wait_for(client.close(), BOUND)  # shutdown: the background work is cancelled first
+    fake_registry.stall_before_headers = False
+    assert not app[SERVICES].manifests.background._tasks
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
