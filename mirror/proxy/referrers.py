@@ -23,7 +23,8 @@ from yarl import URL
 
 from mirror.errors import RegistryError
 from mirror.mediatypes import MANIFEST_TYPES, OCI_INDEX
-from mirror.proxy.access import AccessPolicy, Background, Overdue, Principal, revalidation_deadline
+from mirror.proxy.access import AccessPolicy, Principal
+from mirror.proxy.revalidation import Background, Overdue, revalidation_deadline
 from mirror.proxy.inflight import SingleFlight
 from mirror.upstream.auth import fingerprint
 from mirror.upstream.client import Upstream, UpstreamError

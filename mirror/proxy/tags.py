@@ -21,7 +21,7 @@ from multidict import MultiMapping
 from yarl import URL
 
 from mirror.errors import RegistryError
-from mirror.proxy.access import Background, Overdue, revalidation_deadline
+from mirror.proxy.revalidation import Background, Overdue, revalidation_deadline
 from mirror.proxy.inflight import SingleFlight
 from mirror.upstream.auth import Credentials, fingerprint
 from mirror.upstream.client import Upstream, UpstreamError
