@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import httpclient
 from bench.procs import process_tree, stop_all
 from bench.report import command_line
 from bench.seed import DOCKER_CONFIG, DOCKER_LAYER, DOCKER_MANIFEST, BlobFile, Pusher, write_random
@@ -35,6 +37,8 @@ from bench.systems import HOST, REPO_ROOT, Mirror, UpstreamRegistry, _grep, _whi
 from tests.fakes.fault_proxy import FaultProxy
 
 MiB = 1 << 20
+_SAMPLE = re.compile(r"^(?P<name>[a-z_]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$")
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
 DEFAULT_OUT = Path(__file__).resolve().parent / "RESULTS.md"
 FAULTS = ("refuse", "503", "hang")
 # Problems a client must never meet; anything else the load counts is a retryable answer to a fault.
@@ -121,6 +125,28 @@ def dir_bytes(path: Path) -> int:
             except FileNotFoundError:
                 pass  # evicted while we walked
     return total
+
+
+def mirror_counts(host: str, port: int) -> dict[str, float]:
+    """The mirror's own account from /metrics: requests by result (manifests and blobs), bytes
+    served by source, bytes from upstream, bytes evicted."""
+    resp = httpclient.get(host, port, "/metrics", keep_body=True, timeout=10)
+    counts: dict[str, float] = {}
+    for line in (resp.body or b"").decode().splitlines():
+        m = _SAMPLE.match(line)
+        if m is None:
+            continue
+        labels = dict(_LABEL.findall(m["labels"] or ""))
+        if m["name"] == "mirror_requests_total" and labels.get("kind") in ("manifest", "blob"):
+            key = f"result {labels.get('result')}"
+        elif m["name"] == "mirror_bytes_served_total":
+            key = f"served from {labels.get('source')}"
+        elif m["name"] in ("mirror_upstream_bytes_total", "mirror_evicted_bytes_total"):
+            key = m["name"]
+        else:
+            continue
+        counts[key] = counts.get(key, 0.0) + float(m["value"])
+    return counts
 
 
 def _status_kib(pid: int, field_name: str) -> int:
@@ -335,10 +361,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(_table([row], cap)[-1], flush=True)
         threads[0].join(timeout=10)
+        own = mirror_counts(HOST, mirror.port)
         disk.stop()
         schedule.stop()
         log_errors = _grep(mirror.log, (" ERROR ", " CRITICAL ", "Traceback"))
-        lines = _report(args, command, commit, images, total, cap, rows, latest, disk, log_errors)
+        lines = _report(args, command, commit, images, total, cap, rows, latest, disk, log_errors, own)
         print("\n".join(lines))
         if not args.no_write:
             with args.out.open("a") as out:
@@ -355,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(args: argparse.Namespace, command: str, commit: str, images: list[dict[str, Any]], total: int, cap: int,
-            rows: list[Row], final: dict[str, Any], disk: DiskWatch, log_errors: list[str]) -> list[str]:
+            rows: list[Row], final: dict[str, Any], disk: DiskWatch, log_errors: list[str],
+            own: dict[str, float]) -> list[str]:
     """The section for RESULTS.md: what ran, the table, the totals and the verdicts."""
     counts: dict[str, int] = final["counts"]
     statuses = ", ".join(f"{k.removeprefix('status ')}: {n}" for k, n in sorted(counts.items())
@@ -392,6 +420,14 @@ def _report(args: argparse.Namespace, command: str, commit: str, images: list[di
                      f"(max {' / '.join(f'{max(r.rss_mib[i] for r in rows if i < len(r.rss_mib)):.0f}' for i in range(len(last.rss_mib)))}); "
                      f"open fds {' / '.join(f'{a}→{b}' for a, b in zip(first.fds, last.fds))} "
                      f"(max {' / '.join(str(max(r.fds[i] for r in rows if i < len(r.fds))) for i in range(len(last.fds)))}).")
+    answered = sum(v for k, v in own.items() if k.startswith("result "))
+    cached = sum(own.get(f"result {r}", 0.0) for r in ("hit", "coalesced", "stale"))
+    lines.append(f"- The mirror's own counts: {cached / answered:.0%} of manifest and blob requests answered from the "
+                 f"cache (hit, coalesced or stale) of {answered:.0f}; {own.get('served from cache', 0) / MiB:.0f} MiB "
+                 f"sent from the cache, {own.get('served from upstream', 0) / MiB:.0f} MiB as it arrived; "
+                 f"{own.get('mirror_upstream_bytes_total', 0) / MiB:.0f} MiB fetched from upstream, "
+                 f"{own.get('mirror_evicted_bytes_total', 0) / MiB:.0f} MiB evicted."
+                 if answered else "- The mirror's /metrics had no request counts.")
     lines.append(f"- ERROR or traceback lines in the mirror's log: {len(log_errors)}"
                  + (f", e.g. `{log_errors[0][:200]}`" if log_errors else "") + ".")
     return lines
