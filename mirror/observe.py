@@ -20,7 +20,7 @@ from aiohttp.web import BaseRequest, StreamResponse
 
 from mirror.errors import Handler
 from mirror.metrics import Metrics
-from mirror.requestinfo import BODY_LENGTH, FORWARDED, KIND, RESULT, client_address, handed_by
+from mirror.requestinfo import BODY_LENGTH, FORWARDED, KIND, RESULT, SENT_BY_SENDFILE, client_address, handed_by
 
 METRICS = web.AppKey("metrics", Metrics)
 ACCESS_LOGGER = "mirror.access"
@@ -114,7 +114,8 @@ class AccessLogger(AbstractAccessLogger):
             "method": request.method,
             "path": request.path_qs[:300],
             "status": response.status,
-            "bytes": _content_bytes(response) if BODY_LENGTH in response.headers else response.body_length,
+            "bytes": _content_bytes(response) if BODY_LENGTH in response.headers
+            else response.body_length + request.get(SENT_BY_SENDFILE, 0),
             "duration": round(time, 6),
             "result": _result(request, response) if request.path.startswith("/v2") else "-",
         }

@@ -4,6 +4,7 @@ from aiohttp import web
 KIND = web.RequestKey("kind", str)  # manifest, blob, tags, referrers, catalog, base, other
 RESULT = web.RequestKey("result", str)  # hit, miss, stale, coalesced, denied, error
 FORWARDED = web.RequestKey("forwarded", bool)  # handed to the primary worker, which logs and counts it
+SENT_BY_SENDFILE = web.RequestKey("sent_by_sendfile", int)  # body bytes that bypassed the response's writer
 
 # Set by a secondary worker on what it hands the primary: who the client is and how it connected.
 CLIENT_ADDRESS = "X-Mirror-Client-Address"

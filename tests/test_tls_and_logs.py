@@ -14,9 +14,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 
 from mirror import config as configuration
-from mirror.observe import BatchingHandler, JsonFormatter, PlainFormatter
+from mirror.observe import AccessLogger, BatchingHandler, JsonFormatter, PlainFormatter
+from mirror.requestinfo import SENT_BY_SENDFILE
 from tests.fakes.certs import self_signed
 from tests.integration.registry import free_port
 
@@ -239,3 +242,18 @@ def test_log_format_and_public_url_are_validated(tmp_path: Path) -> None:
     assert load_server(tmp_path, 'public_url = "https://mirror.example:5000/"\n').public_url == "https://mirror.example:5000"
     with pytest.raises(configuration.ConfigError, match="server.public_url"):
         load_server(tmp_path, 'public_url = "mirror.example:5000"\n')
+
+
+def test_access_line_bytes_include_what_sendfile_sent() -> None:
+    """Blob bodies go out with sendfile, past the response's writer; the access line counts them."""
+    records: list[logging.LogRecord] = []
+    logger = logging.getLogger("test.access.sendfile")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    request = make_mocked_request("GET", "/v2/library/app/blobs/sha256:" + "a" * 64)
+    request[SENT_BY_SENDFILE] = 4_456_864
+    AccessLogger(logger, "").log(request, web.StreamResponse(), 0.01)
+    assert records[0].access["bytes"] == 4_456_864  # type: ignore[attr-defined]

@@ -18,6 +18,8 @@ from typing import BinaryIO
 
 from aiohttp import web
 
+from mirror.requestinfo import SENT_BY_SENDFILE
+
 
 
 class ClientGone(ConnectionResetError):
@@ -41,3 +43,5 @@ async def send_file(request: web.Request, file: BinaryIO, offset: int, count: in
             raise
         transport.abort()
         raise ClientGone(f"the client went away: {exc}") from exc
+    # sendfile bypasses the response's writer, which counts what the access log reports
+    request[SENT_BY_SENDFILE] = request.get(SENT_BY_SENDFILE, 0) + count
