@@ -1,7 +1,7 @@
 """A short soak (issue 12): many concurrent pulls through the mirror while its size cap forces
 eviction, tags expire, clients walk away mid-blob and the upstream fails on a schedule.
 
-One run (about 10 s) is shared by the tests below; each asserts one thing a client must be able
+One run (10–15 s here) is shared by the tests below; each asserts one thing a client must be able
 to count on, whatever the timing:
 
 - no body is ever wrong: a complete blob hashes to its digest, a range is upstream's bytes, a
