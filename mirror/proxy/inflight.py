@@ -125,7 +125,7 @@ class Fetch:
             while end is None or pos < end:
                 if self.error is not None:
                     raise FetchFailed(str(self.error))
-                available = self.written if self.done or self.verified else self._unverified_limit()
+                available = self.written if self.done or self.verified else self._unverified_limit(end)
                 if pos < available:
                     span = self._span_at(pos, available if end is None else min(available, end))
                     yield span
@@ -172,9 +172,12 @@ class Fetch:
             self._consumed.clear()
             await self._consumed.wait()
 
-    def _unverified_limit(self) -> int:
-        """Until verified, the last byte is held back, so a bad blob always reaches clients truncated."""
-        return self.written if self.size is None else min(self.written, self.size - 1)
+    def _unverified_limit(self, end: int | None) -> int:
+        """Until verified, the last byte of what a reader asked for is held back, so a bad blob
+        always reaches clients truncated: the blob's last byte, or a range's own last byte (a
+        range of a blob still arriving is not released before the whole blob hashed right)."""
+        limit = self.written if self.size is None else min(self.written, self.size - 1)
+        return limit if end is None else min(limit, end - 1)
 
 OnStored = Callable[[Fetch], Awaitable[None]]
 SizeOf = Callable[[], Awaitable[int | None]]
