@@ -58,7 +58,7 @@ def make_app(config: Config, clock: Callable[[], float] = time.time, role: Worke
     upstreams = {name: Upstream(cfg, upstream_tokens, limits, metrics, local_only=secondary)
                  for name, cfg in config.upstreams.items()}
     inflight = Inflight(store, metrics, on_disk_full=lambda: evictor.wake(), local_only=secondary,
-                        on_written=lambda: evictor.written(), before_commit=lambda: evictor.room())
+                        on_written=lambda: evictor.written(), room=lambda size: evictor.room(size))
     access = AccessPolicy(metadata, clock)
     router = Router(upstreams, config.server.default_upstream)
     services = routes.Services(

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import AsyncIterator, Callable
 
 from mirror.config import parse_size
 from mirror.metrics import Metrics
@@ -51,15 +51,15 @@ async def pinned_digests(metadata: Metadata, store: ContentStore) -> set[str]:
 
 
 class Evictor:
-    """Evicts when the bytes stored plus the bytes being fetched pass the cap.
+    """Evicts when the bytes in use (see `used`) pass the cap.
 
     Fetches call `written` after every batch they write and the metadata calls `stored`
     for every new row, so eviction keeps pace with writes; a timer catches the rest
-    (a share of the disk that changed). Content is removed until stored plus in-flight
-    bytes are at the low mark, and a fetch awaits `room` before it commits: its bytes
-    then land in room already made, and the data directory stays within the cap plus
-    what the running fetches are writing. A burst of wakes runs one eviction and
-    leaves at most one more pending.
+    (a share of the disk that changed). Content is removed until the bytes in use are at
+    the low mark, and a fetch commits inside `room`: its bytes land in room already made,
+    so stored content stays within the cap and the data directory within the cap plus
+    what the running fetches are writing. A burst of wakes runs one eviction and leaves
+    at most one more pending.
 
     `cap` gives the cap in bytes (read anew at every pass); `in_flight` the bytes the
     running fetches have written to temp files so far.
@@ -87,15 +87,23 @@ class Evictor:
         # they ask for another pass (not one per batch); new rows, which can go, still ask at once
         self._slack = 0
         self._children: dict[str, list[str]] = {}  # manifest → what it references (bodies never change)
+        self._reserved = 0  # bytes of the blob being committed, until its row counts them
         self._lock = asyncio.Lock()
         self._committing = asyncio.Lock()
 
     def used(self) -> int:
-        """Bytes that count against the cap: stored content and temp files of running fetches.
+        """Bytes that count against the cap: stored content, the blob being committed (its room,
+        held until its row is written), and temp files of running fetches up to the room between
+        the low mark and the cap.
 
-        A blob counts twice between its row and the end of its fetch (a few milliseconds):
-        that errs towards room."""
-        return self.metadata.size + self.in_flight()
+        Running fetches count only that far: counting all of them would, when a burst of misses
+        outgrows the cap (a hanging upstream letting go), evict every cached image, the popular
+        ones too, for fetches that may never land. Each fetch makes room for itself as it
+        commits, so stored content stays within the cap and the data directory within the cap
+        plus what the running fetches are writing."""
+        cap = self._cap if self._cap is not None else self.cap()
+        early = min(self.in_flight(), cap - int(cap * LOW_MARK))
+        return self.metadata.size + max(self._reserved, early)
 
     def written(self) -> None:
         """A fetch wrote a batch: wake the loop if that took the bytes in use past the cap.
@@ -118,16 +126,22 @@ class Evictor:
         self._force = True
         self._due.set()
 
-    async def room(self) -> None:
-        """Before a fetch commits: while the bytes in use are past the cap, wait for a pass to make
-        room (at once when they are not, or when the loop does not run). One commit at a time, so
-        a crowd of fetches that finish together (a hanging upstream letting go) do not all land
-        in the room of one pass."""
+    @contextlib.asynccontextmanager
+    async def room(self, size: int = 0) -> AsyncIterator[None]:
+        """Around a fetch's commit and its row: room for `size` more bytes, made first if stored
+        content plus them would pass the cap (at once when not, or when the loop does not run),
+        and held until the row counts them. One commit at a time, so a crowd of fetches that
+        finish together (a hanging upstream letting go) do not all land in the room of one pass."""
         async with self._committing:
-            if self._cap is not None:
-                self._ask(self._cap)
-            while not self._settled.is_set():  # again if a write asked for another before this woke
-                await self._settled.wait()
+            self._reserved = size
+            try:
+                if self._cap is not None:
+                    self._ask(self._cap)
+                while not self._settled.is_set():  # again if a write asked for another before this woke
+                    await self._settled.wait()
+                yield
+            finally:
+                self._reserved = 0
 
     async def run(self) -> None:
         """The background loop: a pass when woken, and a check every CHECK_EVERY seconds."""

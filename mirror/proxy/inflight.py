@@ -10,9 +10,11 @@ connection is then aborted so its client sees a truncated transfer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
+from contextlib import AbstractAsyncContextManager
 from typing import Any, AsyncIterator, Awaitable, BinaryIO, Callable, Hashable, NamedTuple, TypeVar
 
 import aiohttp
@@ -189,16 +191,17 @@ class Inflight:
     def __init__(
         self, store: ContentStore, metrics: Metrics, on_disk_full: Callable[[], None] = lambda: None,
         local_only: bool = False, on_written: Callable[[], None] = lambda: None,
-        before_commit: Callable[[], Awaitable[None]] | None = None,
+        room: Callable[[int], AbstractAsyncContextManager[None]] | None = None,
     ) -> None:
         """`on_written` is called after every batch written to a temp file (cheap, synchronous);
-        `before_commit` is awaited before a verified blob is moved into the store (room for it)."""
+        `room(size)` is entered before a verified blob is moved into the store and left once its
+        row is written: it makes room for `size` bytes and holds it until they count as stored."""
         self._store = store
         self._local_only = local_only  # in a secondary worker: fetches happen in the primary
         self._metrics = metrics
         self._on_disk_full = on_disk_full
         self._on_written = on_written
-        self._before_commit = before_commit
+        self._room = room or (lambda _size: contextlib.nullcontext())
         self._fetches: dict[str, Fetch] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -320,10 +323,9 @@ class Inflight:
             writer.verify()
             fetch._verified()  # readers may have the last byte now; storing it can follow
             if fetch._on_disk is None:
-                if self._before_commit is not None:
-                    await self._before_commit()
-                await asyncio.to_thread(writer.commit)
-                await on_stored(fetch)
+                async with self._room(writer.written):
+                    await asyncio.to_thread(writer.commit)
+                    await on_stored(fetch)
         except DigestMismatch as exc:
             error = exc
             self._metrics.digest_mismatches.labels(upstream.name).inc()

@@ -247,13 +247,15 @@ async def test_a_burst_of_wakes_runs_one_eviction_and_leaves_one_pending(
 ) -> None:
     """While one eviction runs, many writes past the cap ask for more: one more runs after it.
     Clients get their whole blobs meanwhile; only the commits wait for the room."""
-    old = [fake_registry.add_blob("library/fill", os.urandom(300_000)) for _ in range(3)]
+    # 960 kB stored: within the cap, but not with the room running fetches may take (10% of it)
+    old = [fake_registry.add_blob("library/fill", os.urandom(320_000)) for _ in range(3)]
     for digest in old:
         await fetch_blob(small_mirror, "library/fill", digest)
         await small_mirror.settled()
         small_mirror.clock.advance(10)
     ev = evictor(small_mirror)
-    await ev.room()  # no eviction left running from before
+    async with ev.room():  # no eviction left running from before
+        pass
     evict = ev.evict
     runs = 0
     asks = 0
@@ -280,8 +282,9 @@ async def test_a_burst_of_wakes_runs_one_eviction_and_leaves_one_pending(
     assert asks >= 12 and runs == 1  # one eviction started, held at the gate; the rest wait as one
     assert set(small_mirror.services.blobs.inflight.temp_files()) != set()  # commits wait for room
     gate.set()
-    await ev.room()
-    assert runs == 2
+    async with ev.room():
+        pass
+    assert 2 <= runs <= 1 + len(bodies)  # the pending one, then at most one per commit making its room
     await small_mirror.settled()
     store = small_mirror.services.blobs.store
     assert all(store.size(d) == len(body) for d, body in bodies.items())
@@ -294,7 +297,8 @@ async def test_with_all_else_pinned_writes_past_the_cap_do_not_plan_a_pass_each(
     """A pass that finds nothing more to remove leaves writes room past the cap before they ask
     again; a new row still asks at once, and an unpinned blob past the cap does not stay."""
     metadata = small_mirror.services.blobs.metadata
-    images = [add_image(fake_registry, n) for n in range(4)]  # 800 kB, all pinned
+    # over 900 kB, all pinned: within the cap, but not with the room running fetches may take
+    images = [add_image(fake_registry, n, layers=2 if n < 4 else 1) for n in range(5)]
     for n, image in enumerate(images):
         await pull(small_mirror, f"library/app{n}", image)
         await metadata.add_pin("docker.io", f"library/app{n}", "1")
@@ -319,8 +323,9 @@ async def test_with_all_else_pinned_writes_past_the_cap_do_not_plan_a_pass_each(
     digest = fake_registry.add_blob("library/app0", data)
     assert await fetch_blob(small_mirror, "library/app0", digest) == data
     await small_mirror.settled()
-    await ev.room()
-    assert past >= 20 and runs <= past // 3  # a few passes (crossing, commit, new row), not one per batch
+    async with ev.room():
+        pass
+    assert past >= 10 and runs <= past // 3, (past, runs)  # a few passes (crossing, commit, new row), not one per batch
     assert all(cached(small_mirror, image) == {True} for image in images)
     assert small_mirror.services.blobs.store.size(digest) is None
     assert metadata.size <= CAP
