@@ -18,14 +18,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from cachetools import LRUCache
 from yarl import URL
 
 from mirror.errors import RegistryError
 from mirror.mediatypes import MANIFEST_TYPES, OCI_INDEX
 from mirror.proxy.access import AccessPolicy, Principal
-from mirror.proxy.revalidation import Background, Overdue, revalidation_deadline
-from mirror.proxy.inflight import SingleFlight
+from mirror.proxy.revalidation import AnswerCache, revalidation_deadline
 from mirror.upstream.auth import fingerprint
 from mirror.upstream.client import Upstream, UpstreamError
 
@@ -48,10 +46,8 @@ class Referrers:
 class ReferrersService:
     def __init__(self, access: AccessPolicy, clock: Callable[[], float] = time.time) -> None:
         self.access = access
-        self.clock = clock
-        self._last: LRUCache[tuple[str, str, str, str | None, str], tuple[float, Referrers]] = LRUCache(10_000)
-        self._flights = SingleFlight()  # one upstream request per subject, filter and principal at a time
-        self.background = Background()  # refreshes past the revalidation deadline
+        self._cache: AnswerCache[Referrers] = AnswerCache(FRESH_FOR, clock)
+        self.background = self._cache.background  # refreshes past the revalidation deadline
 
     async def get(
         self, upstream: Upstream, repo: str, digest: str, artifact_type: str | None, principal: Principal
@@ -74,32 +70,14 @@ class ReferrersService:
                 return Referrers(EMPTY_INDEX, artifact_type is not None, "miss")
             raise exc.to_registry_error("MANIFEST_UNKNOWN") from None
         key = (upstream.name, repo, digest, artifact_type, fingerprint(principal.upstream))
-        last = self._last.get(key)
-        if last and self.clock() - last[0] < FRESH_FOR:
-            return _as(last[1], "hit")
-        fetch = lambda: self._flights.do(  # noqa: E731
-            key, lambda: self._fetch(upstream, repo, digest, artifact_type, principal, key)
-        )
         try:
-            if last is None:
-                return await fetch()
-            return await self.background.within(key, deadline, fetch, f"referrers of {upstream.name}/{repo}@{digest}")
-        except Overdue:
-            assert last is not None  # only a cached answer is fetched against the deadline
-            return _as(last[1], "stale")
+            answer, result = await self._cache.get(
+                key, upstream, lambda: self._ask(upstream, repo, digest, artifact_type, principal),
+                f"referrers of {upstream.name}/{repo}@{digest}", deadline,
+            )
         except UpstreamError as exc:
-            if exc.outage and last:
-                return _as(last[1], "stale")
             raise exc.to_registry_error("MANIFEST_UNKNOWN") from None
-
-    async def _fetch(
-        self, upstream: Upstream, repo: str, digest: str, artifact_type: str | None, principal: Principal,
-        key: tuple[str, str, str, str | None, str],
-    ) -> Referrers:
-        """Upstream's answer, filtered if upstream did not filter it, kept under `key`. Raises UpstreamError."""
-        answer = await self._ask(upstream, repo, digest, artifact_type, principal)
-        self._last[key] = (self.clock(), answer)
-        return answer
+        return Referrers(answer.body, answer.filtered, result)
 
     async def _ask(
         self, upstream: Upstream, repo: str, digest: str, artifact_type: str | None, principal: Principal
@@ -131,6 +109,3 @@ def _index(body: bytes, upstream: str) -> dict[str, object]:
         raise UpstreamError(upstream, 502, "referrers answer is not an image index")
     return index
 
-
-def _as(answer: Referrers, result: str) -> Referrers:
-    return Referrers(answer.body, answer.filtered, result)

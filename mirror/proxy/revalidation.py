@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable, Callable, Hashable, TypeVar
+import time
+from typing import Any, Awaitable, Callable, Generic, Hashable, TypeVar
+
+from cachetools import LRUCache
 
 from mirror.errors import RegistryError
+from mirror.proxy.inflight import SingleFlight
 from mirror.upstream.client import Upstream, UpstreamError
 
 log = logging.getLogger("mirror.revalidation")
@@ -92,3 +96,46 @@ class Background:
         for task in list(self._tasks):
             task.cancel()
         await self.idle()
+
+
+class AnswerCache(Generic[T]):
+    """Upstream answers passed through with a short cache (tag lists, referrers): fresh for
+    `fresh_for` seconds, then asked again within the revalidation deadline, and standing in
+    while upstream is down, failing, throttling or past the deadline. One upstream request per
+    key at a time."""
+
+    def __init__(self, fresh_for: float, clock: Callable[[], float] = time.time, maxsize: int = 10_000) -> None:
+        self.fresh_for = fresh_for
+        self.clock = clock
+        self.background = Background()  # refreshes past the revalidation deadline
+        self._last: LRUCache[Hashable, tuple[float, T]] = LRUCache(maxsize)
+        self._flights = SingleFlight()
+
+    async def get(self, key: Hashable, upstream: Upstream, ask: Callable[[], Awaitable[T]], what: str,
+                  deadline: float | None = None) -> tuple[T, str]:
+        """(the answer, "hit", "miss" or "stale"); `deadline` (event loop time) defaults to the
+        upstream's revalidation deadline from now. Raises `ask`'s UpstreamError when nothing
+        cached can stand in."""
+        last = self._last.get(key)
+        if last and self.clock() - last[0] < self.fresh_for:
+            return last[1], "hit"
+
+        async def ask_and_keep() -> T:
+            answer = await ask()
+            self._last[key] = (self.clock(), answer)
+            return answer
+
+        shared = lambda: self._flights.do(key, ask_and_keep)  # noqa: E731
+        try:
+            if last is None:
+                return await shared(), "miss"
+            if deadline is None:
+                deadline = revalidation_deadline(upstream)
+            return await self.background.within(key, deadline, shared, what), "miss"
+        except Overdue:
+            assert last is not None  # only a cached answer is asked for against the deadline
+            return last[1], "stale"
+        except UpstreamError as exc:
+            if exc.outage and last:
+                return last[1], "stale"
+            raise

@@ -16,13 +16,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from cachetools import LRUCache
 from multidict import MultiMapping
 from yarl import URL
 
 from mirror.errors import RegistryError
-from mirror.proxy.revalidation import Background, Overdue, revalidation_deadline
-from mirror.proxy.inflight import SingleFlight
+from mirror.proxy.revalidation import AnswerCache
 from mirror.upstream.auth import Credentials, fingerprint
 from mirror.upstream.client import Upstream, UpstreamError
 
@@ -128,10 +126,8 @@ def mirror_link(name: str, ns: str | None, page: Page) -> str:
 
 class TagListService:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self.clock = clock
-        self._last: LRUCache[tuple[str, str, Page, str], tuple[float, bytes, Page | None]] = LRUCache(10_000)
-        self._flights = SingleFlight()  # one upstream request per page and principal at a time
-        self.background = Background()  # refreshes past the revalidation deadline
+        self._cache: AnswerCache[tuple[bytes, Page | None]] = AnswerCache(FRESH_FOR, clock)
+        self.background = self._cache.background  # refreshes past the revalidation deadline
 
     async def get(
         self, upstream: Upstream, repo: str, page: Page, creds: Credentials | None
@@ -140,32 +136,14 @@ class TagListService:
 
         Raises RegistryError: upstream's refusal, or its outage when nothing is cached.
         """
-        key = (upstream.name, repo, page, fingerprint(creds))
-        last = self._last.get(key)
-        if last and self.clock() - last[0] < FRESH_FOR:
-            return last[1], last[2], "hit"
-        fetch = lambda: self._flights.do(key, lambda: self._fetch(upstream, repo, page, key, creds))  # noqa: E731
-        try:
-            if last is None:
-                body, following = await fetch()
-            else:
-                body, following = await self.background.within(
-                    key, revalidation_deadline(upstream), fetch, f"tag list of {upstream.name}/{repo}"
-                )
-        except Overdue:
-            assert last is not None  # only a cached list is fetched against the deadline
-            return last[1], last[2], "stale"
-        except UpstreamError as exc:
-            if exc.outage and last:
-                return last[1], last[2], "stale"
-            raise exc.to_registry_error("NAME_UNKNOWN") from None
-        return body, following, "miss"
+        async def ask() -> tuple[bytes, Page | None]:
+            body, link, answered = await upstream.get_tags(repo, URL.build(query=page.query()).raw_query_string, creds)
+            return body, next_page(link, answered)
 
-    async def _fetch(
-        self, upstream: Upstream, repo: str, page: Page, key: tuple[str, str, Page, str], creds: Credentials | None
-    ) -> tuple[bytes, Page | None]:
-        """Upstream's page and the next one, kept under `key`. Raises UpstreamError."""
-        body, link, answered = await upstream.get_tags(repo, URL.build(query=page.query()).raw_query_string, creds)
-        following = next_page(link, answered)
-        self._last[key] = (self.clock(), body, following)
-        return body, following
+        try:
+            (body, following), result = await self._cache.get(
+                (upstream.name, repo, page, fingerprint(creds)), upstream, ask, f"tag list of {upstream.name}/{repo}"
+            )
+        except UpstreamError as exc:
+            raise exc.to_registry_error("NAME_UNKNOWN") from None
+        return body, following, result
