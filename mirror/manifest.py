@@ -65,27 +65,41 @@ def media_type_of(body: bytes, declared: str | None) -> str | None:
     return None
 
 
+def descriptors(doc: object) -> list[dict[str, object]]:
+    """The descriptors of a parsed manifest or index (OCI image spec): config, subject, layers,
+    child manifests and blobs, in that order; anything that is not an object is left out."""
+    if not isinstance(doc, dict):
+        return []
+    found = [doc.get(key) for key in ("config", "subject")]
+    for key in ("layers", "manifests", "blobs"):
+        if isinstance(doc.get(key), list):
+            found.extend(doc[key])
+    return [d for d in found if isinstance(d, dict)]
+
+
 def referenced_digests(body: bytes) -> list[str]:
-    """Digests a manifest or index points at: config, layers, child manifests, subject,
-    and schema1's `fsLayers` blob sums.
+    """Digests a manifest or index points at: its descriptors' and schema1's `fsLayers` blob sums.
 
     Anything that is not a well-formed sha256 digest is left out, so the result is safe to
     build paths from.
     """
     doc = _parse(body)
-    if not isinstance(doc, dict):
-        return []
-    found: list[object] = []
-    for key in ("config", "subject"):
-        if isinstance(doc.get(key), dict):
-            found.append(doc[key].get("digest"))
-    for key in ("layers", "manifests", "blobs"):
-        if isinstance(doc.get(key), list):
-            found.extend(d.get("digest") for d in doc[key] if isinstance(d, dict))
-    if isinstance(doc.get("fsLayers"), list):
+    found: list[object] = [d.get("digest") for d in descriptors(doc)]
+    if isinstance(doc, dict) and isinstance(doc.get("fsLayers"), list):
         found.extend(d.get("blobSum") for d in doc["fsLayers"] if isinstance(d, dict))
     unique = dict.fromkeys(d for d in found if isinstance(d, str) and SHA256_RE.fullmatch(d))
     return list(unique)
+
+
+def descriptor_sizes(body: bytes) -> dict[str, int]:
+    """digest → size of every descriptor in a manifest or index; descriptors without a valid
+    sha256 digest or a size are skipped. Schema1 manifests carry no sizes."""
+    sizes: dict[str, int] = {}
+    for d in descriptors(_parse(body)):
+        digest, size = d.get("digest"), d.get("size")
+        if isinstance(digest, str) and SHA256_RE.fullmatch(digest) and type(size) is int and size >= 0:
+            sizes.setdefault(digest, size)
+    return sizes
 
 
 def image_blobs(doc: dict[str, object]) -> list[str]:

@@ -9,9 +9,8 @@ repository, so each stored manifest is read once.
 from __future__ import annotations
 
 import asyncio
-import json
 
-from mirror.reference import SHA256_RE
+from mirror.manifest import descriptor_sizes
 from mirror.storage.blobs import ContentStore
 from mirror.storage.metadata import Metadata
 
@@ -28,27 +27,3 @@ async def descriptor_size(metadata: Metadata, store: ContentStore, upstream: str
         if body is not None:
             await metadata.add_descriptors(manifest, {manifest: len(body), **descriptor_sizes(body)})
     return await metadata.descriptor_size(upstream, repo, digest) if pending else None
-
-
-def descriptor_sizes(body: bytes) -> dict[str, int]:
-    """digest → size of every descriptor in a manifest or index (config, layers, child
-    manifests, blobs, subject); descriptors without a valid sha256 digest or a size are skipped.
-    Schema1 manifests carry no sizes."""
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        return {}
-    if not isinstance(doc, dict):
-        return {}
-    found = [doc.get(key) for key in ("config", "subject")]
-    for key in ("layers", "manifests", "blobs"):
-        if isinstance(doc.get(key), list):
-            found.extend(doc[key])
-    sizes: dict[str, int] = {}
-    for d in found:
-        if not isinstance(d, dict):
-            continue
-        digest, size = d.get("digest"), d.get("size")
-        if isinstance(digest, str) and SHA256_RE.fullmatch(digest) and type(size) is int and size >= 0:
-            sizes.setdefault(digest, size)
-    return sizes

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from mirror.storage.blobs import ContentStore
 from mirror.storage.metadata import SCHEMA_VERSION, Metadata
-from mirror.storage.sizes import descriptor_size, descriptor_sizes
+from mirror.manifest import descriptor_sizes
+from mirror.storage.sizes import descriptor_size
 from tests.fakes.registry import digest_of
 
 LAYER = "sha256:" + "1" * 64
