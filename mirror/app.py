@@ -13,7 +13,6 @@ from mirror import adminapi, routes
 from mirror.cache.admin import CacheAdmin
 from mirror.cache.eviction import Evictor, cap_bytes
 from mirror.config import Config
-from mirror.errors import error_middleware
 from mirror.metrics import Metrics, read_cache_usage
 from mirror.observe import METRICS, metrics_middleware
 from mirror.proxy.access import AccessPolicy
@@ -25,11 +24,14 @@ from mirror.proxy.referrers import ReferrersService
 from mirror.proxy.tags import TagListService
 from mirror.proxy.tokens import TokenService
 from mirror.routing import Router
+from mirror.server import error_middleware
 from mirror.storage.blobs import ContentStore
 from mirror.storage.lock import DataDirLock
 from mirror.storage.metadata import Metadata
 from mirror.storage.reconcile import reconcile
-from mirror.upstream.auth import TokenCache
+from mirror.storage.secret import data_dir_secret, derive
+from mirror.upstream.authorizer import TokenCache
+from mirror.upstream.credentials import Fingerprinter
 from mirror.upstream.client import Upstream
 from mirror.upstream.ratelimit import RateLimits
 from mirror.workers.forward import PrimaryLink, forward_middleware
@@ -50,12 +52,15 @@ def make_app(config: Config, clock: Callable[[], float] = time.time, role: Worke
     data_dir = Path(config.server.data_dir)
     secondary = role is not None and not role.primary
     metrics = Metrics(role.metrics_dir if role else None)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    secret = data_dir_secret(data_dir)  # the same in every worker and after every restart
+    fingerprints = Fingerprinter(derive(secret, "fingerprint"))
     store = ContentStore(data_dir)
     # stored bytes and bytes being fetched wake eviction as they cross the cap (storage knows no cache)
     metadata = Metadata(data_dir / "index.db", on_grown=lambda: evictor.stored())
     upstream_tokens = TokenCache(clock)
     limits = RateLimits(metrics, clock)
-    upstreams = {name: Upstream(cfg, upstream_tokens, limits, metrics, local_only=secondary)
+    upstreams = {name: Upstream(cfg, upstream_tokens, limits, metrics, fingerprints, local_only=secondary)
                  for name, cfg in config.upstreams.items()}
     inflight = Inflight(store, metrics, on_disk_full=lambda: evictor.wake(), local_only=secondary,
                         on_written=lambda: evictor.written(), room=lambda size: evictor.room(size))
@@ -68,7 +73,7 @@ def make_app(config: Config, clock: Callable[[], float] = time.time, role: Worke
         tags=TagListService(clock),
         referrers=ReferrersService(access, clock),
         catalog=CatalogService(metadata, router),
-        tokens=TokenService(clock, role.token_key if role else None),
+        tokens=TokenService(derive(secret, "tokens"), fingerprints, clock),
         metrics=metrics,
         public_url=config.server.public_url,
     )
@@ -93,7 +98,6 @@ def make_app(config: Config, clock: Callable[[], float] = time.time, role: Worke
         adminapi.setup(app, admin, config.server.admin_token)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        data_dir.mkdir(parents=True, exist_ok=True)
         if role is None:
             lock.acquire()  # a group's supervisor holds it for all its workers
         if not secondary:  # the one writer: empties tmp/ and reconciles what a crash left

@@ -25,7 +25,9 @@ from mirror.routing import Router
 from mirror.storage.blobs import ContentStore
 from mirror.storage.lock import DataDirBusy, DataDirLock
 from mirror.storage.metadata import Metadata, SchemaTooNew
-from mirror.upstream.auth import Credentials, TokenCache
+from mirror.storage.secret import SecretError, data_dir_secret, derive
+from mirror.upstream.authorizer import TokenCache
+from mirror.upstream.credentials import Fingerprinter, basic_authorization
 from mirror.upstream.client import Upstream
 from mirror.upstream.ratelimit import RateLimits
 
@@ -78,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         if args.command == "warm":
             return _warm(args, cfg)
         return _cache(args, cfg)
-    except (CommandError, AdminError) as exc:
+    except (CommandError, AdminError, SecretError) as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
@@ -153,7 +155,8 @@ async def _local(cfg: configuration.Config, data_dir: Path, op: str, body: dict[
     except SchemaTooNew as exc:
         raise CommandError(str(exc)) from None
     tokens, limits = TokenCache(), RateLimits(metrics)
-    upstreams = {n: Upstream(c, tokens, limits, metrics) for n, c in cfg.upstreams.items()}
+    fingerprints = Fingerprinter(derive(data_dir_secret(data_dir), "fingerprint"))
+    upstreams = {n: Upstream(c, tokens, limits, metrics, fingerprints) for n, c in cfg.upstreams.items()}
     cap = lambda: cap_bytes(cfg.cache.max_size, data_dir)  # noqa: E731
     admin = CacheAdmin(store, metadata, Router(upstreams, cfg.server.default_upstream),
                        Evictor(store, metadata, metrics, cap), cap)
@@ -209,7 +212,7 @@ def _warm(args: argparse.Namespace, cfg: configuration.Config) -> int:
         user, sep, password = args.user.partition(":")
         if not sep:
             raise CommandError("--user takes USER:PASSWORD")
-        authorization = Credentials(user, password).basic
+        authorization = basic_authorization(user, password)
     summary = asyncio.run(warm(_url(args, cfg), refs, args.platform, args.jobs, authorization))
     for line in summary.lines():
         print(line)

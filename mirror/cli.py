@@ -6,6 +6,7 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from mirror import cachecli, clientconfig, server
 from mirror import config as configuration
@@ -14,6 +15,7 @@ from mirror.observe import ACCESS_LOGGER, AccessLogger, setup_logging
 from mirror.app import make_app
 from mirror.storage.lock import DataDirBusy
 from mirror.storage.metadata import SchemaTooNew
+from mirror.storage.secret import SecretError
 from mirror.workers import supervisor
 
 
@@ -68,7 +70,8 @@ def _check_config(path: str) -> int:
     print(f"  listen {cfg.server.listen} ({cfg.server.workers} worker{'s' if cfg.server.workers > 1 else ''}), "
           f"data in {cfg.server.data_dir}, default upstream {cfg.server.default_upstream}")
     for up in cfg.upstreams.values():
-        print(f"  upstream {up.name}: {up.url} (tag TTL {up.tag_ttl:g}s)")
+        realms = ", ".join([urlsplit(up.url).hostname or up.url, *up.token_realms])
+        print(f"  upstream {up.name}: {up.url} (tag TTL {up.tag_ttl:g}s; credentials go to token realms on {realms})")
     return 0
 
 
@@ -134,7 +137,7 @@ def _serve(path: str | None, listen: str | None, data_dir: str | None) -> int:
             access_log=logging.getLogger(ACCESS_LOGGER),
             shutdown_timeout=cfg.server.shutdown_timeout,
         ))
-    except (SchemaTooNew, DataDirBusy) as exc:
+    except (SchemaTooNew, DataDirBusy, SecretError) as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except OSError as exc:

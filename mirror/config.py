@@ -26,6 +26,9 @@ DEFAULT_UPSTREAMS = {
     "public.ecr.aws": "https://public.ecr.aws",
     "mcr.microsoft.com": "https://mcr.microsoft.com",
 }
+# Registries whose token realm lives on a host of their own: the default `token_realms` of an
+# upstream at that host (a file can list others, or none).
+KNOWN_TOKEN_REALMS = {"registry-1.docker.io": ("auth.docker.io",)}
 
 
 class ConfigError(Exception):
@@ -54,6 +57,13 @@ class UpstreamConfig:
     share_with_anonymous: bool = False
     ca_file: str | None = None
     insecure_skip_verify: bool = False
+    # hosts (`host` or `host:port`) besides the upstream's own whose token realm may receive credentials
+    token_realms: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.token_realms is None:
+            host = (urlsplit(self.url).hostname or "").lower()
+            object.__setattr__(self, "token_realms", KNOWN_TOKEN_REALMS.get(host, ()))
 
 
 @dataclass(frozen=True)
@@ -152,6 +162,25 @@ def parse_workers(value: object) -> int:
     if count is None or not 1 <= count <= MAX_WORKERS:
         raise ValueError(f'expected "auto" or a number of processes from 1 to {MAX_WORKERS}, got {value!r}')
     return count
+
+
+def parse_token_realms(value: object) -> tuple[str, ...]:
+    """A list of `host` or `host:port` (IPv6 in brackets), lower-cased; ValueError otherwise."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f'expected a list of hosts, like ["auth.docker.io"], got {value!r}')
+    realms = []
+    for entry in value:
+        parts = urlsplit("//" + entry.strip())
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if (not parts.hostname or port == -1 or port == 0 or parts.path or parts.query or parts.fragment
+                or "@" in parts.netloc or "#" in entry or "?" in entry):
+            raise ValueError(f"{entry!r} is not a host or host:port (no scheme, path or userinfo), "
+                             f"like auth.docker.io or auth.example.com:8443")
+        realms.append(parts.netloc.lower())
+    return tuple(realms)
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -265,6 +294,8 @@ def _convert(key: str, value: Any) -> Any:
         raise ValueError(f"expected one of {', '.join(_LOG_FORMATS)}, got {value!r}")
     if key == "workers":
         return parse_workers(value)
+    if key == "token_realms":
+        return parse_token_realms(value)
     if key in ("tls_cert", "tls_key") and value != "":
         _check_readable(value)
     if key == "public_url" and value != "":

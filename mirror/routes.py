@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
-from mirror.errors import Handler, RegistryError, unsupported
+from aiohttp.typedefs import Handler
+from mirror.errors import RegistryError, unsupported
 from mirror.mediatypes import OCI_INDEX
 from mirror.metrics import Metrics
 from mirror.proxy.access import Principal, principal_for
@@ -17,7 +18,7 @@ from mirror.proxy.manifests import ManifestService
 from mirror.proxy.referrers import ReferrersService
 from mirror.proxy.tags import TagListService, mirror_link, parse_page
 from mirror.proxy.tokens import Grant, TokenService, challenge, client_credentials
-from mirror.upstream.auth import Credentials
+from mirror.upstream.credentials import Credentials
 from mirror.upstream.client import Upstream
 from mirror.reference import ManifestRef, parse_digest, parse_reference
 from mirror.routing import Router
@@ -174,7 +175,7 @@ async def token(request: web.Request) -> web.Response:
             return web.json_response(svc.tokens.issue(grant, offline))
         if grant_type != "password":
             raise RegistryError("UNSUPPORTED", 400, f"unsupported grant_type {grant_type[:40]!r}: use password or refresh_token")
-        creds: Credentials | None = Credentials(str(form.get("username", "")), str(form.get("password", "")))
+        creds: Credentials | None = svc.tokens.fingerprints.credentials(str(form.get("username", "")), str(form.get("password", "")))
     elif request.method == "GET":
         creds = client_credentials(svc.tokens, request.headers.get("Authorization"))
     else:

@@ -31,7 +31,7 @@ def test_check_config_prints_a_summary(tmp_path: Path, capsys: pytest.CaptureFix
     assert f"{path}: OK" in out
     assert "listen 127.0.0.1:6000" in out
     assert "default upstream ghcr.io" in out
-    assert "upstream ghcr.io: https://ghcr.io (tag TTL 300s)" in out
+    assert "upstream ghcr.io: https://ghcr.io (tag TTL 300s; credentials go to token realms on ghcr.io)" in out
     assert "docker.io" not in out
 
 

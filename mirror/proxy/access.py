@@ -25,8 +25,9 @@ from cachetools import LRUCache
 from mirror.errors import RegistryError
 from mirror.proxy.revalidation import Background, Overdue, revalidation_deadline
 from mirror.storage.metadata import Metadata
-from mirror.upstream.auth import Credentials, fingerprint
-from mirror.upstream.client import Upstream, UpstreamError
+from mirror.upstream.credentials import Credentials, fingerprint
+from mirror.upstream.client import Upstream
+from mirror.upstream.errors import UpstreamError
 
 DENIAL_TTL = 30.0
 T = TypeVar("T")

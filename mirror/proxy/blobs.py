@@ -37,8 +37,9 @@ from mirror.proxy.ranges import ByteRange, Multipart
 from mirror.storage.blobs import ContentStore
 from mirror.storage.metadata import Metadata
 from mirror.storage.sizes import descriptor_size
-from mirror.upstream.auth import Credentials
-from mirror.upstream.client import Upstream, UpstreamError
+from mirror.upstream.credentials import Credentials
+from mirror.upstream.client import Upstream
+from mirror.upstream.errors import UpstreamError
 from mirror.requestinfo import RESULT, from_secondary
 from mirror.workers import follow
 

@@ -22,8 +22,9 @@ import aiohttp
 from mirror.errors import NeedsPrimary
 from mirror.metrics import Metrics
 from mirror.storage.blobs import BlobWriter, ContentStore, DigestMismatch
-from mirror.upstream.auth import Credentials
-from mirror.upstream.client import Upstream, UpstreamError
+from mirror.upstream.credentials import Credentials
+from mirror.upstream.client import Upstream
+from mirror.upstream.errors import UpstreamError
 
 log = logging.getLogger("mirror.inflight")
 

@@ -28,9 +28,10 @@ from mirror.reference import ManifestRef
 from mirror.storage.blobs import ContentStore
 from mirror.storage.images import image_parts
 from mirror.storage.metadata import Metadata, TagRow
-from mirror.upstream.auth import Credentials, fingerprint
+from mirror.upstream.credentials import Credentials, fingerprint
 from mirror.mediatypes import MANIFEST_TYPES
-from mirror.upstream.client import Upstream, UpstreamError
+from mirror.upstream.client import Upstream
+from mirror.upstream.errors import UpstreamError
 
 log = logging.getLogger("mirror.manifests")
 

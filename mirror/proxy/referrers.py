@@ -24,8 +24,9 @@ from mirror.errors import RegistryError
 from mirror.mediatypes import MANIFEST_TYPES, OCI_INDEX
 from mirror.proxy.access import AccessPolicy, Principal
 from mirror.proxy.revalidation import AnswerCache, revalidation_deadline
-from mirror.upstream.auth import fingerprint
-from mirror.upstream.client import Upstream, UpstreamError
+from mirror.upstream.credentials import fingerprint
+from mirror.upstream.client import Upstream
+from mirror.upstream.errors import UpstreamError
 
 FRESH_FOR = 30.0
 ARTIFACT_TYPE_MAX = 255

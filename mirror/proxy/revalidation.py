@@ -16,7 +16,8 @@ from cachetools import LRUCache
 
 from mirror.errors import RegistryError
 from mirror.proxy.inflight import SingleFlight
-from mirror.upstream.client import Upstream, UpstreamError
+from mirror.upstream.client import Upstream
+from mirror.upstream.errors import UpstreamError
 
 log = logging.getLogger("mirror.revalidation")
 T = TypeVar("T")

@@ -21,8 +21,9 @@ from yarl import URL
 
 from mirror.errors import RegistryError
 from mirror.proxy.revalidation import AnswerCache
-from mirror.upstream.auth import Credentials, fingerprint
-from mirror.upstream.client import Upstream, UpstreamError
+from mirror.upstream.credentials import Credentials, fingerprint
+from mirror.upstream.client import Upstream
+from mirror.upstream.errors import UpstreamError
 
 FRESH_FOR = 30.0
 PAGE_MAX = 10_000  # larger `n` are refused, as distribution refuses them

@@ -6,13 +6,13 @@ upstream's realm; the token it gets back stands for those credentials, so the
 mirror can act upstream on that client's behalf (pulls count against its own
 quota, its private repositories work).
 
-A token carries its grant, encrypted and authenticated (Fernet) with a key that
-lives only in memory: every worker process can read the tokens any of them
-issued, a client cannot read or forge one, and after a restart clients are
-challenged and log in again, transparently.
+A token carries its grant, encrypted and authenticated (Fernet) with a key derived
+from the data directory's secret: every worker process reads the tokens any of them
+issued, they keep working across restarts, and a client can neither read nor forge one.
 """
 from __future__ import annotations
 
+import base64
 import json
 import time
 from dataclasses import dataclass
@@ -23,8 +23,9 @@ from cachetools import LRUCache, TTLCache
 from cryptography.fernet import Fernet, InvalidToken
 
 from mirror.errors import RegistryError
-from mirror.upstream.auth import Credentials
-from mirror.upstream.client import Upstream, UpstreamError
+from mirror.upstream.client import Upstream
+from mirror.upstream.credentials import Credentials, Fingerprinter
+from mirror.upstream.errors import UpstreamError
 
 TOKEN_TTL = 900
 REFRESH_TTL = 7 * 86_400
@@ -40,9 +41,13 @@ class Grant:
 
 
 class TokenService:
-    def __init__(self, clock: Callable[[], float] = time.time, key: bytes | None = None) -> None:
+    """Issues and reads the mirror's tokens; `key` (32 bytes) seals them, `fingerprints` makes
+    the credentials they carry."""
+
+    def __init__(self, key: bytes, fingerprints: Fingerprinter, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
-        self._fernet = Fernet(key or Fernet.generate_key())
+        self._fernet = Fernet(base64.urlsafe_b64encode(key))
+        self.fingerprints = fingerprints
         # Decrypting costs more than the rest of a cached manifest request: each token once.
         self._known: LRUCache[str, tuple[Grant, float]] = LRUCache(100_000)
         self._logins: TTLCache[tuple[str, str], bool] = TTLCache(100_000, LOGIN_TTL, timer=clock)
@@ -100,7 +105,7 @@ class TokenService:
         if not isinstance(payload, dict) or payload.get("use") != use:
             return None
         user, secret = payload.get("user"), payload.get("secret")
-        grant = Grant(Credentials(user, secret) if isinstance(user, str) and isinstance(secret, str) else None)
+        grant = Grant(self.fingerprints.credentials(user, secret) if isinstance(user, str) and isinstance(secret, str) else None)
         self._known[token] = (grant, sealed_at + ttl)
         return grant
 
@@ -121,7 +126,7 @@ def client_credentials(tokens: TokenService, authorization: str | None) -> Crede
     scheme, _, value = authorization.strip().partition(" ")
     if scheme.lower() == "basic":
         try:
-            return Credentials.from_basic(value)
+            return tokens.fingerprints.from_basic(value)
         except ValueError as exc:
             raise RegistryError("UNAUTHORIZED", 401, f"malformed Authorization header: {exc}") from None
     if scheme.lower() == "bearer":

@@ -1,9 +1,7 @@
-"""One upstream registry: pooled HTTP, the Bearer token dance, redirects, clear failures.
-
-Any request may be redirected (registry.k8s.io sends every `/v2/` request to a regional
-registry; registries on S3 send manifests and blobs to presigned storage URLs). Each hop
-runs the token flow against whichever origin challenges it, with tokens cached per origin,
-and a hop never carries a credential or token issued for another origin.
+"""One upstream registry: its operations (manifests, blobs, tags, referrers, login) over pooled
+HTTP, each request passing the rate-limit gate (`ratelimit`), following redirects hop by hop
+(`redirects`), and on each hop answering the auth challenge of that hop's origin
+(`authorizer`, which also binds credentials to trusted token realms).
 
 Timeouts bound connecting and every read (first byte and a stalled body alike),
 so a hung upstream becomes an `UpstreamError` the proxy can serve stale content
@@ -12,95 +10,33 @@ around, never a client that hangs with it.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import hashlib
 import json
-import logging
-import re
 import ssl
 from dataclasses import dataclass
 from typing import Mapping
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 from multidict import CIMultiDict
 
 from mirror.config import UpstreamConfig
-from mirror.errors import NeedsPrimary, RegistryError
+from mirror.errors import NeedsPrimary
 from mirror.metrics import Metrics
-from mirror.upstream.auth import (
-    Challenge, Credentials, TokenCache, TokenKey, fingerprint, parse_challenge, token_url,
-)
-from mirror.upstream.ratelimit import DEFAULT_RETRY_AFTER, RateLimits
-
-log = logging.getLogger("mirror.upstream")
+from mirror.upstream import redirects
+from mirror.upstream.authorizer import Authorizer, RealmBinding, TokenCache, TokenKey, TokenReply
+from mirror.upstream.challenges import parse_challenge
+from mirror.upstream.credentials import Credentials, Fingerprinter, fingerprint
+from mirror.upstream.errors import UpstreamError
+from mirror.upstream.ratelimit import RateLimits
+from mirror.upstream.urls import api_scope, origin, shown
 
 MANIFEST_MAX_BYTES = 4 << 20
-MAX_REDIRECTS = 5
-REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+TOKEN_MAX_BYTES = 1 << 20
 # A HEAD that tells nothing about the manifest: the method is not supported (405, 501).
 # Storage a registry redirected to may refuse a HEAD in any 4xx way (S3: 403 for a URL signed for GET).
 HEAD_NOT_SUPPORTED = frozenset({405, 501})
 READ_BUFFER = 1 << 20  # large reads of blob bodies: few wake-ups, few writes
-_API_PATH = re.compile(r"^/v2/(?P<name>.+?)/(?:manifests|blobs|tags|referrers)/")
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-class UpstreamError(Exception):
-    """The upstream could not be reached (status None) or answered with an error status."""
-
-    def __init__(self, upstream: str, status: int | None, message: str, retry_after: str | None = None) -> None:
-        super().__init__(f"upstream {upstream}: {message}")
-        self.upstream = upstream
-        self.status = status
-        self.message = message
-        self.retry_after = retry_after
-
-    @property
-    def outage(self) -> bool:
-        """Down, failing or rate-limiting: cached content may stand in for an answer."""
-        return self.status is None or self.status >= 500 or self.status == 429
-
-    @property
-    def reason(self) -> str:
-        """A short label for metrics: unreachable, 5xx or ratelimited."""
-        if self.status is None:
-            return "unreachable"
-        return "ratelimited" if self.status == 429 else "5xx"
-
-    def to_registry_error(self, unknown_code: str) -> RegistryError:
-        """The answer a client gets when we have nothing better to give it.
-
-        A 429 always carries `Retry-After` (upstream's when it gave a usable one), so clients
-        back off instead of retrying at once.
-        """
-        text = f"upstream {self.upstream}: {self.message}"
-        if self.status is None:
-            return RegistryError("UNAVAILABLE", 503, text)
-        if self.status == 404:
-            return RegistryError(unknown_code, 404, text)
-        if self.status == 401:
-            return RegistryError("UNAUTHORIZED", 401, text)
-        if self.status == 403:
-            return RegistryError("DENIED", 403, text)
-        if self.status == 429:
-            return RegistryError("TOOMANYREQUESTS", 429, text, headers={"Retry-After": retry_after_value(self.retry_after)})
-        if self.status >= 500:
-            return RegistryError("UNAVAILABLE", 502, text)
-        return RegistryError("UNKNOWN", self.status, text)
-
-
-def retry_after_value(value: str | None) -> str:
-    """A `Retry-After` to relay (RFC 9110 §10.2.3): upstream's seconds or HTTP date, else our default."""
-    value = (value or "").strip()
-    if value.isdigit():
-        return value
-    try:
-        if value and email.utils.parsedate_to_datetime(value):
-            return value
-    except (TypeError, ValueError):
-        pass
-    return str(int(DEFAULT_RETRY_AFTER))
 
 
 @dataclass(frozen=True)
@@ -133,34 +69,10 @@ def _describe(exc: BaseException, url: str) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def origin(url: str) -> str:
-    """`scheme://host:port` of a URL (RFC 6454), the port made explicit: what a token or
-    credential is bound to."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    try:
-        port = parts.port or _DEFAULT_PORTS.get(scheme)
-    except ValueError:
-        port = None
-    return f"{scheme}://{(parts.hostname or '').lower()}:{port}"
-
-
-def shown(url: str) -> str:
-    """A URL for messages and logs: no query (presigned URLs carry signatures there), no userinfo."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
-
-
-def api_scope(url: str) -> str | None:
-    """`repository:<name>:pull` for a registry API URL (`/v2/<name>/manifests/…` and the like)."""
-    match = _API_PATH.match(urlsplit(url).path)
-    return f"repository:{match['name']}:pull" if match else None
-
-
 class Upstream:
     def __init__(
         self, config: UpstreamConfig, tokens: TokenCache, limits: RateLimits, metrics: Metrics,
-        local_only: bool = False,
+        fingerprints: Fingerprinter, local_only: bool = False,
     ) -> None:
         self.config = config
         self.local_only = local_only  # in a secondary worker: upstream requests go to the primary
@@ -168,9 +80,11 @@ class Upstream:
         self.url = config.url
         self.origin = origin(config.url)
         self.service_account = (
-            Credentials(config.username, config.password) if config.username and config.password is not None else None
+            fingerprints.credentials(config.username, config.password)
+            if config.username and config.password is not None else None
         )
-        self._tokens = tokens
+        self.realms = RealmBinding(config.name, config.url, config.token_realms)
+        self._authorizer = Authorizer(self.realms, tokens, limits, self._fetch_token)
         self._limits = limits
         self._metrics = metrics
         self._session: aiohttp.ClientSession | None = None
@@ -208,7 +122,7 @@ class Upstream:
         """Whether an answer from `url` is the registry's word: its own origin, or a registry API
         path on a host it redirected to (registry.k8s.io's regional registries). Anything else
         (presigned storage, a CDN) only stores bytes: its refusals are failures, not verdicts."""
-        return origin(url) == self.origin or _API_PATH.match(urlsplit(url).path) is not None
+        return origin(url) == self.origin or api_scope(url) is not None
 
     # -- requests ---------------------------------------------------------------
     async def _send(self, method: str, url: str, kind: str, headers: Mapping[str, str]) -> aiohttp.ClientResponse:
@@ -230,57 +144,27 @@ class Upstream:
         self, method: str, repo: str, path: str, kind: str, creds: Credentials | None,
         headers: Mapping[str, str] | None = None,
     ) -> aiohttp.ClientResponse:
-        """Send to `/v2/<repo>/<path>` as `creds`, following redirects and answering the auth
-        challenge of each origin on the way (see `_exchange`).
+        """Send to `/v2/<repo>/<path>` as `creds`: through the rate-limit gate, following
+        redirects, each hop answering its own origin's challenge (see `_hop`).
 
         A principal that upstream rate-limited sends no GET until its Retry-After has passed.
         Raises UpstreamError when upstream cannot be reached, a token is refused or rate-limited,
-        or the redirects loop or go on too long.
+        a realm is refused credentials, or the redirects loop or go on too long.
         """
         who = fingerprint(creds)
         wait = self._limits.blocked_for(self.name, who) if method == "GET" else 0.0
         if wait:
             raise UpstreamError(self.name, 429, f"rate-limited by the upstream; retry in {wait:.0f}s", str(int(wait) + 1))
-        resp = await self._exchange(method, f"{self.url}/v2/{repo}/{path}", kind, creds, headers or {})
+
+        async def hop(url: str, scope: str) -> aiohttp.ClientResponse:
+            return await self._hop(method, url, kind, creds, headers or {}, scope)
+
+        resp = await redirects.follow(self.name, f"{self.url}/v2/{repo}/{path}", hop)
         if resp.status == 429:
             self._limits.block(self.name, who, resp.headers.get("Retry-After"))
         return resp
 
-    async def _exchange(
-        self, method: str, url: str, kind: str, creds: Credentials | None, headers: Mapping[str, str],
-        answer_challenges: bool = True,
-    ) -> aiohttp.ClientResponse:
-        """The final answer to `method url`, after at most MAX_REDIRECTS redirects.
-
-        Every 301/302/303/307/308 is followed with the same method (we only GET and HEAD);
-        a relative `Location` is resolved against the URL that sent it (RFC 9110 §10.2.2).
-        Each hop carries only what its own origin issued (see `_authorized`), for the scope of
-        the last registry API path on the way (a download path keeps the scope that led to it).
-        A Location that was already visited is a loop; both it and too many hops raise
-        UpstreamError (502).
-        """
-        visited, scope = {url}, ""
-        for _ in range(MAX_REDIRECTS + 1):
-            scope = api_scope(url) or scope
-            if answer_challenges:
-                resp = await self._authorized(method, url, kind, creds, headers, scope)
-            else:
-                resp = await self._send(method, url, kind, headers)
-            location = resp.headers.get("Location")
-            if resp.status not in REDIRECT_STATUSES or not location:
-                return resp
-            resp.release()
-            target = _resolve(url, location)
-            if target is None:
-                raise UpstreamError(self.name, 502, f"{shown(url)} redirected to an unusable location")
-            if target in visited:
-                raise UpstreamError(self.name, 502, f"redirect loop: {shown(url)} sent us back to {shown(target)}")
-            visited.add(target)
-            url = target
-        resp.release()
-        raise UpstreamError(self.name, 502, f"more than {MAX_REDIRECTS} redirects, the last to {shown(url)}")
-
-    async def _authorized(
+    async def _hop(
         self, method: str, url: str, kind: str, creds: Credentials | None, headers: Mapping[str, str],
         scope: str,
     ) -> aiohttp.ClientResponse:
@@ -292,73 +176,25 @@ class Upstream:
         """
         key = TokenKey(self.name, origin(url), scope, fingerprint(creds))
         hdrs = CIMultiDict(headers)
-        if token := self._tokens.get(key):
-            hdrs["Authorization"] = f"Bearer {token}"
+        if authorization := self._authorizer.cached(key):
+            hdrs["Authorization"] = authorization
         resp = await self._send(method, url, kind, hdrs)
         if resp.status != 401:
             return resp
-        challenge = parse_challenge(resp.headers.getall("WWW-Authenticate", []))
         own = creds if key.origin == self.origin else None
-        authorization = await self._answer(challenge, key, own) if challenge else None
+        authorization = await self._authorizer.answer(resp.headers.getall("WWW-Authenticate", []), key, own)
         if not authorization:
             return resp
         resp.release()
         hdrs["Authorization"] = authorization
         return await self._send(method, url, kind, hdrs)
 
-    async def _answer(self, challenge: Challenge, key: TokenKey, creds: Credentials | None) -> str | None:
-        """The Authorization header that answers `challenge`, or None when we have nothing to offer."""
-        if challenge.scheme == "basic":
-            return creds.basic if creds else None
-        self._tokens.drop(key)
-        return f"Bearer {await self._fetch_token(challenge, key, creds)}"
-
-    async def _fetch_token(self, challenge: Challenge, key: TokenKey, creds: Credentials | None) -> str:
-        """A token from the challenge's realm for its scope (else the key's), cached under `key`.
-
-        Credentials go over https only, unless the upstream itself is plain http (tests,
-        private networks). A realm that answers 429 blocks this principal's token requests to
-        it for Retry-After, as a registry's 429 blocks its GETs; UpstreamError(429) meanwhile.
-        """
-        realm = challenge.realm or ""
-        throttled = f"{key.principal} at {origin(realm)}"
-        if wait := self._limits.blocked_for(self.name, throttled):
-            raise UpstreamError(self.name, 429, f"token realm {shown(realm)} is rate-limiting; retry in {wait:.0f}s",
-                                str(int(wait) + 1))
-        scopes = (challenge.params.get("scope") or key.scope).split(" ")
-        try:
-            url = token_url(realm, challenge.params.get("service"), [s for s in scopes if s])
-        except ValueError as exc:
-            raise UpstreamError(self.name, 502, f"unusable challenge from {key.origin}: {exc}") from None
-        headers = {"Authorization": creds.basic} if creds and self._may_send_credentials(url) else {}
+    async def _fetch_token(self, url: str, headers: Mapping[str, str]) -> TokenReply:
+        """GET a token realm's URL (the authorizer's transport): status, headers, small body."""
         resp = await self._send("GET", url, "token", headers)
         async with resp:
-            if resp.status == 429:
-                self._limits.block(self.name, throttled, resp.headers.get("Retry-After"))
-                raise UpstreamError(self.name, 429, f"token realm {shown(realm)} is rate-limiting",
-                                    resp.headers.get("Retry-After"))
-            if resp.status in (401, 403):
-                raise UpstreamError(self.name, resp.status, f"credentials refused: {await _token_error(resp)}")
-            if resp.status != 200:
-                raise UpstreamError(self.name, resp.status if resp.status >= 500 else 502,
-                                    f"token realm {shown(realm)} answered {resp.status}")
-            try:
-                data = json.loads(await resp.read())
-                token = data.get("token") or data["access_token"]
-            except (ValueError, KeyError, AttributeError, TypeError):
-                raise UpstreamError(self.name, 502, f"token realm {shown(realm)} sent no token") from None
-            if not isinstance(token, str) or not token:
-                raise UpstreamError(self.name, 502, f"token realm {shown(realm)} sent no token")
-        expires_in = data.get("expires_in")
-        self._tokens.put(key, token, expires_in if isinstance(expires_in, (int, float)) else None)
-        return token
-
-    def _may_send_credentials(self, realm_url: str) -> bool:
-        """Credentials travel encrypted, unless the upstream itself was configured as plain http."""
-        if urlsplit(realm_url).scheme.lower() == "https" or self.origin.startswith("http://"):
-            return True
-        log.warning("upstream %s: not sending credentials to the plain-http realm %s", self.name, shown(realm_url))
-        return False
+            body = await self._read_small(resp, f"the answer of token realm {shown(url)}", TOKEN_MAX_BYTES)
+        return TokenReply(resp.status, resp.headers, body)
 
     async def _raise_for(self, resp: aiohttp.ClientResponse, what: str) -> None:
         """Raise an UpstreamError for a non-2xx answer.
@@ -390,16 +226,16 @@ class Upstream:
             resp.release()
         raise UpstreamError(self.name, resp.status, message, resp.headers.get("Retry-After"))
 
-    async def _read_small(self, resp: aiohttp.ClientResponse, what: str) -> bytes:
-        """A whole JSON body (manifest, tag list), refusing one larger than any sane manifest."""
-        if (resp.content_length or 0) > MANIFEST_MAX_BYTES:
-            raise UpstreamError(self.name, 502, f"{what} is larger than {MANIFEST_MAX_BYTES} bytes")
+    async def _read_small(self, resp: aiohttp.ClientResponse, what: str, limit: int = MANIFEST_MAX_BYTES) -> bytes:
+        """A whole JSON body (manifest, tag list, token), refusing one larger than `limit` bytes."""
+        if (resp.content_length or 0) > limit:
+            raise UpstreamError(self.name, 502, f"{what} is larger than {limit} bytes")
         body = bytearray()
         try:
             async for chunk in resp.content.iter_any():
                 body += chunk
-                if len(body) > MANIFEST_MAX_BYTES:
-                    raise UpstreamError(self.name, 502, f"{what} is larger than {MANIFEST_MAX_BYTES} bytes")
+                if len(body) > limit:
+                    raise UpstreamError(self.name, 502, f"{what} is larger than {limit} bytes")
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise UpstreamError(self.name, None, f"reading {what}: {exc or 'timed out'}") from None
         return bytes(body)
@@ -477,12 +313,16 @@ class Upstream:
     async def login(self, creds: Credentials, repos: list[str]) -> None:
         """Check `creds` the way upstream would: its realm must grant them a token.
 
-        Raises UpstreamError (401 with upstream's message) when they are refused.
-        A token granted for `repos` is kept, so the pulls that follow need no second exchange.
-        An upstream whose `/v2/` asks for nothing, or is answered by another origin it
-        redirects to (credentials are never shown there), has nothing to check them against.
+        Raises UpstreamError (401 with upstream's message) when they are refused, 502 when the
+        realm is not one credentials may go to. A token granted for `repos` is kept, so the
+        pulls that follow need no second exchange. An upstream whose `/v2/` asks for nothing, or
+        is answered by another origin it redirects to (credentials are never shown there), has
+        nothing to check them against.
         """
-        resp = await self._exchange("GET", f"{self.url}/v2/", "base", None, {}, answer_challenges=False)
+        async def hop(url: str, scope: str) -> aiohttp.ClientResponse:
+            return await self._send("GET", url, "base", {})
+
+        resp = await redirects.follow(self.name, f"{self.url}/v2/", hop)
         resp.release()
         if resp.status != 401 or origin(str(resp.url)) != self.origin:
             return
@@ -495,11 +335,7 @@ class Upstream:
             if resp.status in (401, 403):
                 raise UpstreamError(self.name, resp.status, "credentials refused")
             return
-        scopes = " ".join(f"repository:{r}:pull" for r in repos)
-        params = {k: v for k, v in challenge.params.items() if k != "scope"} | ({"scope": scopes} if scopes else {})
-        token = await self._fetch_token(Challenge("bearer", params), TokenKey(self.name, self.origin, scopes, creds.fingerprint), creds)
-        for repo in repos:
-            self._tokens.put(TokenKey(self.name, self.origin, f"repository:{repo}:pull", creds.fingerprint), token, None)
+        await self._authorizer.login(challenge, self.origin, repos, creds)
 
     async def get_referrers(self, repo: str, digest: str, query: str, creds: Credentials | None) -> tuple[bytes, str]:
         """The referrers index of `digest` (OCI 1.1) and upstream's `OCI-Filters-Applied` header.
@@ -516,18 +352,6 @@ class Upstream:
         return body, resp.headers.get("OCI-Filters-Applied", "")
 
 
-def _resolve(base: str, location: str) -> str | None:
-    """`location` resolved against the URL that sent it (RFC 3986 §5: `/x`, `../x`, `//host/x`);
-    None unless the result is an http(s) URL with a host."""
-    try:
-        parts = urlsplit(urljoin(base, location.strip()))
-        if parts.scheme.lower() not in ("http", "https") or not parts.hostname or parts.port == 0:
-            return None
-    except ValueError:  # an unbalanced IPv6 bracket, a port that is not a number
-        return None
-    return parts._replace(fragment="").geturl()
-
-
 def _media_type(resp: aiohttp.ClientResponse) -> str:
     return resp.headers.get("Content-Type", "").split(";")[0].strip()
 
@@ -538,19 +362,3 @@ def _full_size(resp: aiohttp.ClientResponse) -> int | None:
         total = resp.headers.get("Content-Range", "").rpartition("/")[2]
         return int(total) if total.isdigit() else None
     return resp.content_length
-
-
-async def _token_error(resp: aiohttp.ClientResponse) -> str:
-    """The reason a token endpoint gave for refusing (Docker Hub: `details`; OAuth: `error`)."""
-    try:
-        data = json.loads(await resp.content.read(8192))
-    except (ValueError, aiohttp.ClientError, asyncio.TimeoutError):
-        return f"{resp.status} {resp.reason}"
-    if isinstance(data, dict):
-        for key in ("details", "error_description", "message", "error"):
-            if isinstance(data.get(key), str):
-                return data[key]
-        errors = data.get("errors")
-        if isinstance(errors, list) and errors and isinstance(errors[0], dict) and errors[0].get("message"):
-            return str(errors[0]["message"])
-    return f"{resp.status} {resp.reason}"

@@ -17,7 +17,8 @@ from aiohttp.typedefs import Middleware
 from multidict import CIMultiDict
 from yarl import URL
 
-from mirror.errors import Handler, NeedsPrimary, RegistryError, error_response
+from aiohttp.typedefs import Handler
+from mirror.errors import NeedsPrimary, RegistryError, error_response
 from mirror.observe import client_left
 from mirror.proxy import sending
 from mirror.storage.blobs import ContentStore

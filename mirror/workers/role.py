@@ -6,10 +6,9 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class WorkerRole:
-    """Worker `index` of a group: 0 is the primary. Shared secrets and paths come from the supervisor."""
+    """Worker `index` of a group: 0 is the primary. Paths come from the supervisor."""
 
     index: int
-    token_key: bytes  # seals the mirror's tokens, so any worker reads those another issued
     primary_socket: str  # the primary's unix socket: secondaries hand it what they cannot serve
     metrics_dir: str  # prometheus_client's multiprocess directory
 

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
-from cryptography.fernet import Fernet
 from prometheus_client import multiprocess
 
 from mirror.app import make_app
@@ -32,6 +31,7 @@ from mirror.config import EXIT_CONFIG, Config
 from mirror.observe import ACCESS_LOGGER, AccessLogger, setup_logging
 from mirror.server import MirrorRunner
 from mirror.storage.lock import DataDirLock
+from mirror.storage.secret import data_dir_secret
 from mirror.storage.metadata import SchemaTooNew
 from mirror.workers.role import WorkerRole
 
@@ -100,9 +100,9 @@ def serve(config: Config, tls: ssl.SSLContext | None, host: str, port: int) -> i
     try:
         metrics_dir = os.path.join(runtime, "metrics")
         os.mkdir(metrics_dir)
-        key = Fernet.generate_key()
+        data_dir_secret(data_dir)  # created once, before any worker reads it
         groups = listen(host, port, config.server.workers)
-        workers = [_Worker(WorkerRole(i, key, os.path.join(runtime, "primary.sock"), metrics_dir), group)
+        workers = [_Worker(WorkerRole(i, os.path.join(runtime, "primary.sock"), metrics_dir), group)
                    for i, group in enumerate(groups)]
         return _Supervisor(config, tls, workers).run(f"{'https' if tls else 'http'}://{host}:{port}")
     finally:

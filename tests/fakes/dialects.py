@@ -41,6 +41,9 @@ from tests.fakes.threaded import ThreadedServer
 K8S_PREFIX = "k8s-artifacts-prod/images/"  # where registry.k8s.io's images live in its regional registries
 
 
+# Docker Hub's realm is on a host of its own (auth.docker.io): here another loopback address.
+REALM_HOST = "127.0.0.2"
+
 class Seen(NamedTuple):
     """One request a dialect server received."""
 
@@ -55,7 +58,7 @@ def _record(log: list[Seen], request: web.Request) -> None:
 
 
 class Servers:
-    """Serves aiohttp apps on free 127.0.0.1 ports: in the running event loop, or (threaded)
+    """Serves aiohttp apps on free loopback ports: in the running event loop, or (threaded)
     each from its own thread and loop, so they keep answering while a test blocks on a subprocess."""
 
     def __init__(self, threaded: bool = False) -> None:
@@ -63,17 +66,18 @@ class Servers:
         self._runners: list[web.AppRunner] = []
         self._threads: list[ThreadedServer] = []
 
-    async def serve(self, app: web.Application) -> str:
-        """Start serving `app`; its base URL, e.g. `http://127.0.0.1:41234`."""
+    async def serve(self, app: web.Application, host: str = "127.0.0.1") -> str:
+        """Start serving `app` on `host` (another loopback address is another host); its base
+        URL, e.g. `http://127.0.0.1:41234`."""
         if self.threaded:
             server = ThreadedServer()
             self._threads.append(server)
-            return server.start(app, name="dialect")
+            return server.start(app, name="dialect", host=host)
         runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.1, access_log=None)
         await runner.setup()
         self._runners.append(runner)
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        return f"http://127.0.0.1:{runner.addresses[0][1]}"
+        await web.TCPSite(runner, host, 0).start()
+        return f"http://{host}:{runner.addresses[0][1]}"
 
     async def close(self) -> None:
         for runner in reversed(self._runners):
@@ -316,7 +320,7 @@ async def docker_hub(servers: Servers) -> Dialect:
     registry.require_auth = True
     registry.redirect_blobs = True
     realm = TokenRealm(registry)
-    realm.url = await servers.serve(realm.make_app())
+    realm.url = await servers.serve(realm.make_app(), host=REALM_HOST)
     registry.token_realm = realm.realm
     return Dialect("docker-hub", await _serve_registry(servers, registry), registry, servers, realm=realm)
 

@@ -18,8 +18,8 @@ class ThreadedServer:
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
 
-    def start(self, app: web.Application, port: int = 0, name: str = "server") -> str:
-        """Serve `app` on 127.0.0.1:`port` (0: any free port); return the base URL."""
+    def start(self, app: web.Application, port: int = 0, name: str = "server", host: str = "127.0.0.1") -> str:
+        """Serve `app` on `host`:`port` (0: any free port); return the base URL."""
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, name=name, daemon=True)
         thread.start()
@@ -27,12 +27,12 @@ class ThreadedServer:
 
         async def serve() -> int:
             await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", port).start()
+            await web.TCPSite(runner, host, port).start()
             return int(runner.addresses[0][1])
 
         bound = asyncio.run_coroutine_threadsafe(serve(), loop).result(timeout=10)
         self._loop, self._thread, self._runner = loop, thread, runner
-        self.url = f"http://127.0.0.1:{bound}"
+        self.url = f"http://{host}:{bound}"
         return self.url
 
     def stop(self) -> None:

@@ -169,13 +169,13 @@ async def test_a_secondary_worker_hands_an_expired_tag_to_the_primary_which_answ
 ) -> None:
     assert fake_registry.url
     config = mirror_config(fake_registry.url, tmp_path / "data", read_timeout=READ_TIMEOUT, revalidate_timeout=DEADLINE)
-    clock, key, socket = FakeClock(), b"0" * 43 + b"=", str(tmp_path / "primary.sock")
-    primary = make_app(config, clock=clock, role=WorkerRole(0, key, socket, multiprocess_values))
+    clock, socket = FakeClock(), str(tmp_path / "primary.sock")
+    primary = make_app(config, clock=clock, role=WorkerRole(0, socket, multiprocess_values))
     runner = web.AppRunner(primary)
     await runner.setup()
     await web.UnixSite(runner, socket).start()
     try:
-        secondary = await aiohttp_client(make_app(config, clock=clock, role=WorkerRole(1, key, socket, multiprocess_values)))
+        secondary = await aiohttp_client(make_app(config, clock=clock, role=WorkerRole(1, socket, multiprocess_values)))
         worker = Mirror(secondary, clock, secondary.app, tmp_path / "data")
         old = fake_registry.add_image("library/alpine", "3", 1)
         status, result, _, _ = await _timed_get(worker, "/v2/library/alpine/manifests/3")

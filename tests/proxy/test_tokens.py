@@ -1,10 +1,13 @@
-"""Mirror tokens: sealed grants any worker holding the key can read, and nobody can forge or stretch."""
+"""Mirror tokens: sealed grants any worker (or a restarted mirror) holding the key can read, and
+nobody can forge or stretch."""
 from __future__ import annotations
+
+import os
 
 from cryptography.fernet import Fernet
 
 from mirror.proxy.tokens import REFRESH_TTL, TOKEN_TTL, Grant, TokenService
-from mirror.upstream.auth import Credentials
+from tests.credentials import FINGERPRINTS, creds
 
 
 class Clock:
@@ -15,20 +18,27 @@ class Clock:
         return self.now
 
 
+def service(clock: Clock, key: bytes | None = None) -> TokenService:
+    return TokenService(key or os.urandom(32), FINGERPRINTS, clock)
+
+
 def test_a_token_issued_by_one_worker_is_read_by_another_with_the_same_key() -> None:
-    key = Fernet.generate_key()
+    key = os.urandom(32)
     clock = Clock()
-    issued = TokenService(clock, key).issue(Grant(Credentials("alice", "s3cret")), offline=True)
-    other = TokenService(clock, key)
-    assert other.resolve(str(issued["token"])) == Grant(Credentials("alice", "s3cret"))
-    assert other.refresh(str(issued["refresh_token"])) == Grant(Credentials("alice", "s3cret"))
-    assert TokenService(clock).resolve(str(issued["token"])) is None  # another key: a restart
+    issued = service(clock, key).issue(Grant(creds("alice", "s3cret")), offline=True)
+    other = service(clock, key)
+    got = other.resolve(str(issued["token"]))
+    assert got == Grant(creds("alice", "s3cret"))
+    assert got is not None and got.credentials is not None
+    assert got.credentials.fingerprint == creds("alice", "s3cret").fingerprint
+    assert other.refresh(str(issued["refresh_token"])) == Grant(creds("alice", "s3cret"))
+    assert service(clock).resolve(str(issued["token"])) is None  # another data directory's key
 
 
 def test_tokens_expire_and_each_kind_is_used_only_for_its_purpose() -> None:
     clock = Clock()
-    tokens = TokenService(clock)
-    issued = tokens.issue(Grant(Credentials("bob-the-builder", "s3cret-passw0rd")), offline=True)
+    tokens = service(clock)
+    issued = tokens.issue(Grant(creds("bob-the-builder", "s3cret-passw0rd")), offline=True)
     access, refresh = str(issued["access_token"]), str(issued["refresh_token"])
     assert tokens.refresh(access) is None and tokens.resolve(refresh) is None
     # sealed, not merely encoded (strings long enough never to turn up in random base64 by chance)
@@ -43,7 +53,7 @@ def test_tokens_expire_and_each_kind_is_used_only_for_its_purpose() -> None:
 
 
 def test_anonymous_grants_and_tampered_or_foreign_tokens() -> None:
-    tokens = TokenService(Clock())
+    tokens = service(Clock())
     anonymous = str(tokens.issue(Grant(None))["token"])
     assert tokens.resolve(anonymous) == Grant(None)
     assert "refresh_token" not in tokens.issue(Grant(None), offline=True)

@@ -8,9 +8,12 @@ import pytest
 
 from mirror.config import UpstreamConfig
 from mirror.metrics import Metrics
-from mirror.upstream.auth import TokenCache, parse_challenge
-from mirror.upstream.client import Upstream, UpstreamError
+from mirror.upstream.authorizer import TokenCache
+from mirror.upstream.challenges import parse_challenge
+from mirror.upstream.client import Upstream
+from mirror.upstream.errors import UpstreamError
 from mirror.upstream.ratelimit import RateLimits
+from tests.credentials import FINGERPRINTS
 from tests.conftest import TAG_TTL, FakeClock, Mirror
 from tests.fakes.registry import FakeRegistry
 from tests.proxy.test_manifests import ACCEPT
@@ -52,7 +55,7 @@ async def test_basic_challenge_without_credentials_is_unauthorized(mirror: Mirro
 
 def _upstream(url: str, **timeouts: float) -> Upstream:
     metrics, clock = Metrics(), FakeClock()
-    return Upstream(UpstreamConfig("test", url, **timeouts), TokenCache(clock), RateLimits(metrics, clock), metrics)
+    return Upstream(UpstreamConfig("test", url, **timeouts), TokenCache(clock), RateLimits(metrics, clock), metrics, FINGERPRINTS)
 
 
 async def test_connection_refused_names_the_host() -> None:

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from mirror.upstream.client import UpstreamError
+from mirror.upstream.errors import UpstreamError
 from tests.fakes.dialects import Dialect, Servers
 from tests.fakes.registry import DOCKER_MANIFEST, FakeRegistry
 from tests.proxy.test_manifests import ACCEPT

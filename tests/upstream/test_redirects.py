@@ -14,9 +14,12 @@ from aiohttp.typedefs import Handler
 
 from mirror.config import UpstreamConfig
 from mirror.metrics import Metrics
-from mirror.upstream.auth import Credentials, TokenCache
-from mirror.upstream.client import MAX_REDIRECTS, Upstream, UpstreamError
+from mirror.upstream.authorizer import TokenCache
+from mirror.upstream.client import Upstream
+from mirror.upstream.redirects import MAX_REDIRECTS
+from mirror.upstream.errors import UpstreamError
 from mirror.upstream.ratelimit import RateLimits
+from tests.credentials import FINGERPRINTS, creds
 from tests.conftest import FakeClock
 from tests.fakes.dialects import Dialect, Redirector, Servers, k8s
 from tests.fakes.registry import FakeRegistry
@@ -28,7 +31,7 @@ def upstream_at(url: str, username: str | None = None, password: str | None = No
     """An Upstream client named docker.io for `url`, on a fake clock."""
     metrics, clock = Metrics(), FakeClock()
     config = UpstreamConfig("docker.io", url, username=username, password=password, read_timeout=2.0)
-    return Upstream(config, TokenCache(clock), RateLimits(metrics, clock), metrics)
+    return Upstream(config, TokenCache(clock), RateLimits(metrics, clock), metrics, FINGERPRINTS)
 
 
 def bearer_values(registry: FakeRegistry) -> list[str]:
@@ -70,7 +73,7 @@ async def test_kind1_head_and_tags_and_base_follow_the_redirect(k8s_registry: Di
         assert await upstream.head_blob("pause", image.layer_digests[0], None) == len(image.layers[0])
         body, _, _ = await upstream.get_tags("pause", "", None)
         assert b'"3.9"' in body
-        await upstream.login(Credentials("someone", "secret"), ["pause"])  # nothing to check them against
+        await upstream.login(creds("someone", "secret"), ["pause"])  # nothing to check them against
     finally:
         await upstream.close()
     regional = k8s_registry.registry
@@ -92,7 +95,7 @@ async def test_kind1_credentials_are_never_shown_to_the_redirect_target(k8s_regi
     finally:
         await upstream.close()
     assert got.body == image.body
-    basic = Credentials("svc", "hunter2").basic
+    basic = creds("svc", "hunter2").basic
     assert all(r.headers.get("Authorization") != basic for r in regional.requests)
     assert [t.user for t in regional.tokens.values()] == [None]
 

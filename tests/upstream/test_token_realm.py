@@ -6,15 +6,14 @@ import email.utils
 
 import pytest
 
-from mirror.upstream.auth import Credentials
-from mirror.upstream.client import UpstreamError, retry_after_value
+from mirror.upstream.errors import UpstreamError, retry_after_value
 from mirror.upstream.ratelimit import DEFAULT_RETRY_AFTER
+from tests.credentials import creds
 from tests.conftest import TAG_TTL, Mirror
-from tests.fakes.dialects import Dialect, Servers, TokenRealm
+from tests.fakes.dialects import REALM_HOST, Dialect, Servers, TokenRealm
 from tests.fakes.registry import FakeRegistry
 from tests.proxy.test_manifests import ACCEPT
 from tests.upstream.conftest import MirrorFor
-from tests.upstream.test_redirects import upstream_at
 
 
 async def test_docker_hub_dialect_pulls_with_the_realm_on_another_host(hub: Dialect, mirror_for: MirrorFor) -> None:
@@ -90,9 +89,9 @@ async def test_kind8_a_login_while_the_realm_rate_limits_is_429_with_retry_after
     assert hub.realm is not None
     hub.registry.users = {"alice": "alice-pw"}
     hub.realm.rate_limited, hub.realm.retry_after = True, "45"
-    mirror = await mirror_for(hub.url)
+    mirror = await mirror_for(hub.url, token_realms=(REALM_HOST,))
     resp = await mirror.client.get("/token", params={"service": "mirror", "scope": "repository:library/alpine:pull"},
-                                   headers={"Authorization": Credentials("alice", "alice-pw").basic})
+                                   headers={"Authorization": creds("alice", "alice-pw").basic})
     assert resp.status == 429 and resp.headers["Retry-After"] == "45"
     assert (await resp.json())["errors"][0]["code"] == "TOOMANYREQUESTS"
 
@@ -171,9 +170,3 @@ async def test_kind5_garbage_challenges_are_clean_failures(
     assert resp.status == status
     assert (await resp.json())["errors"][0]["code"]
     assert fake_registry.count(kind="token") == 0
-
-
-def test_credentials_go_to_a_plain_http_realm_only_for_a_plain_http_upstream() -> None:
-    assert upstream_at("https://registry.example")._may_send_credentials("https://auth.example/token")
-    assert not upstream_at("https://registry.example")._may_send_credentials("http://auth.example/token")
-    assert upstream_at("http://127.0.0.1:5000")._may_send_credentials("http://127.0.0.1:5001/token")

@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient
 from multidict import MultiDict
 
 from mirror.app import make_app
-from mirror.errors import Handler
+from aiohttp.typedefs import Handler
 from mirror.routes import SERVICES
 from mirror.workers import follow
 from mirror.workers.follow import TEMP_FILE
@@ -51,9 +51,8 @@ async def group(fake_registry: FakeRegistry, tmp_path: Path, multiprocess_values
                 aiohttp_client) -> AsyncIterator[Group]:  # type: ignore[no-untyped-def]
     assert fake_registry.url
     config = mirror_config(fake_registry.url, tmp_path / "data")
-    key = b"0" * 43 + b"="
     socket = str(tmp_path / "primary.sock")
-    primary = make_app(config, role=WorkerRole(0, key, socket, multiprocess_values))
+    primary = make_app(config, role=WorkerRole(0, socket, multiprocess_values))
     seen: list[str] = []
     followed: list[str] = []
 
@@ -69,7 +68,7 @@ async def group(fake_registry: FakeRegistry, tmp_path: Path, multiprocess_values
     runner = web.AppRunner(primary)
     await runner.setup()
     await web.UnixSite(runner, socket).start()
-    secondary_app = make_app(config, role=WorkerRole(1, key, socket, multiprocess_values))
+    secondary_app = make_app(config, role=WorkerRole(1, socket, multiprocess_values))
     secondary = await aiohttp_client(ProductionServer(secondary_app))
     yield Group(secondary, seen, socket, followed, primary, secondary_app)
     await runner.cleanup()
@@ -110,7 +109,7 @@ async def test_a_secondary_without_its_primary_answers_503_with_an_oci_error(
 ) -> None:
     assert fake_registry.url
     fake_registry.add_image("library/app", "v1", 1)
-    role = WorkerRole(1, b"0" * 43 + b"=", str(tmp_path / "nobody.sock"), multiprocess_values)
+    role = WorkerRole(1, str(tmp_path / "nobody.sock"), multiprocess_values)
     secondary = await aiohttp_client(make_app(mirror_config(fake_registry.url, tmp_path / "data"), role=role))
     resp = await secondary.get("/v2/library/app/manifests/v1", headers=ACCEPT)
     assert resp.status == 503 and resp.headers["Retry-After"] == "1"

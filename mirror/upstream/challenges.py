@@ -1,68 +1,23 @@
-"""Upstream authentication: credentials, challenge parsing, token URLs and a token cache.
+"""`WWW-Authenticate` challenges (RFC 9110 §11.6.1), as registries send them.
 
 Registries answer 401 with one or more challenges, e.g.
 `WWW-Authenticate: Basic realm="r", Bearer realm="https://auth/token",service="reg"`
-(or the two on separate header lines). `parse_challenges` reads them as RFC 9110
-§11.6.1 defines; `select_challenge` prefers Bearer. A token from the realm is cached
-per (upstream, origin that challenged, scope, principal) for its `expires_in` minus a
-margin, so a warm mirror fetches tokens rarely and a token issued for one host is
-never presented to another.
+(or the two on separate header lines). `parse_challenges` reads them all; `select_challenge`
+picks the one to answer, preferring Bearer.
+
+PyPI has no maintained parser of several challenges in one field (werkzeug parses one), so
+this is a small scanner over the RFC's productions.
 """
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import string
-import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
-from urllib.parse import urlencode, urlsplit, urlunsplit
-
-from cachetools import TLRUCache
-
-TOKEN_MARGIN = 30.0
-DEFAULT_TOKEN_TTL = 60.0
-ANONYMOUS = "anonymous"
+from dataclasses import dataclass
 
 # RFC 9110 §5.6.2 tchar, and the token68 alphabet of §11.2 (without its trailing "=" padding).
 _TCHAR = frozenset(string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~")
 _TOKEN68 = frozenset(string.ascii_letters + string.digits + "-._~+/")
 _WS = " \t"
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """A username and secret, sent upstream on someone's behalf; only the fingerprint is shown."""
-
-    username: str
-    password: str = field(repr=False)
-
-    @property
-    def fingerprint(self) -> str:
-        """Identifies the credential in caches and logs without revealing it."""
-        return hashlib.sha256(f"{self.username}\0{self.password}".encode()).hexdigest()[:16]
-
-    @property
-    def basic(self) -> str:
-        return "Basic " + base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
-
-    @classmethod
-    def from_basic(cls, value: str) -> Credentials:
-        """Parse the part after `Basic `; ValueError when it is not base64 `user:password`."""
-        try:
-            decoded = base64.b64decode(value.strip(), validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
-            raise ValueError("Basic credentials are not base64 of user:password") from None
-        username, sep, password = decoded.partition(":")
-        if not sep or not username:
-            raise ValueError("Basic credentials are not base64 of user:password")
-        return cls(username, password)
-
-
-def fingerprint(creds: Credentials | None) -> str:
-    return creds.fingerprint if creds else ANONYMOUS
 
 
 @dataclass(frozen=True)
@@ -209,54 +164,3 @@ def select_challenge(challenges: Iterable[Challenge]) -> Challenge | None:
 def parse_challenge(values: str | Iterable[str]) -> Challenge | None:
     """The challenge to answer among those in `WWW-Authenticate` values (see `select_challenge`)."""
     return select_challenge(parse_challenges(values))
-
-
-def token_url(realm: str, service: str | None, scopes: Iterable[str]) -> str:
-    """The realm's URL asking for `scopes` of `service` (the Docker token protocol's GET form).
-
-    Query parameters the realm already carries are kept as they are and ours are appended
-    with `&`; a fragment is dropped. ValueError when the realm is not an absolute http(s) URL.
-    """
-    parts = urlsplit(realm.strip())
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"token realm {realm!r} is not an absolute http(s) URL")
-    ours = urlencode([("scope", s) for s in scopes] + ([("service", service)] if service else []))
-    query = "&".join(q for q in (parts.query, ours) if q)
-    return urlunsplit((parts.scheme, parts.netloc, parts.path or "/", query, ""))
-
-
-class TokenKey(NamedTuple):
-    """What a cached token is for: the upstream, the origin (`scheme://host:port`) whose
-    challenge it answers, the scope, and the principal's fingerprint."""
-
-    upstream: str
-    origin: str
-    scope: str
-    principal: str
-
-
-@dataclass(frozen=True)
-class Token:
-    value: str
-    expires_at: float
-
-
-class TokenCache:
-    """Tokens keyed by `TokenKey`, dropped before they expire."""
-
-    def __init__(self, clock: Callable[[], float] = time.time, maxsize: int = 10_000) -> None:
-        self._cache: TLRUCache[TokenKey, Token] = TLRUCache(
-            maxsize, ttu=lambda _k, tok, _now: tok.expires_at, timer=clock
-        )
-        self._clock = clock
-
-    def get(self, key: TokenKey) -> str | None:
-        tok = self._cache.get(key)
-        return tok.value if tok else None
-
-    def put(self, key: TokenKey, value: str, expires_in: float | None) -> None:
-        ttl = max((expires_in or DEFAULT_TOKEN_TTL) - TOKEN_MARGIN, 1.0)
-        self._cache[key] = Token(value, self._clock() + ttl)
-
-    def drop(self, key: TokenKey) -> None:
-        self._cache.pop(key, None)
