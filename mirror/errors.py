@@ -1,17 +1,10 @@
-"""OCI error bodies: every failure a client sees is rendered here, once."""
+"""OCI errors: the codes, the domain error that carries one, and the JSON body every failure
+a client sees is rendered as (`server.error_middleware` renders them, once)."""
 from __future__ import annotations
 
 import json
-import logging
-from typing import Awaitable, Callable
 
 from aiohttp import web
-from mirror.requestinfo import RESULT
-
-log = logging.getLogger("mirror")
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 
 class RegistryError(Exception):
     """A failure with an OCI error code, an HTTP status and a message for the client."""
@@ -79,29 +72,3 @@ HTTP_CODES = {  # the OCI code of an error that has only an HTTP status
     503: "UNAVAILABLE",
     504: "UNAVAILABLE",
 }
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn domain errors, router errors and crashes into OCI JSON bodies."""
-    try:
-        return await handler(request)
-    except RegistryError as err:
-        request[RESULT] = request.get(RESULT, "error")
-        return error_response(err)
-    except NeedsPrimary:
-        raise
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = HTTP_CODES.get(exc.status, "UNKNOWN")
-        message = exc.reason if exc.status != 404 else "not found"
-        if exc.status == 405:
-            message = "method not allowed"
-        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "content-range")}
-        request[RESULT] = "error"
-        return error_response(RegistryError(code, exc.status, message, headers=headers))
-    except Exception:
-        log.exception("unhandled error serving %s %s", request.method, request.path)
-        request[RESULT] = "error"
-        return error_response(RegistryError("UNKNOWN", 500, "internal error; see the mirror's log"))

@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
-from mirror.errors import Handler
+from aiohttp.typedefs import Handler
 from mirror.metrics import Metrics
 from mirror.requestinfo import BODY_LENGTH, FORWARDED, KIND, RESULT, SENT_BY_SENDFILE, client_address, handed_by
 

@@ -9,11 +9,10 @@ Only configured upstreams are ever contacted: the mirror is never an open proxy.
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from typing import Generic, Mapping, Protocol, TypeVar
 
 from mirror.errors import RegistryError
 from mirror.reference import parse_name
-from mirror.upstream.client import Upstream
 
 ALIASES = {"index.docker.io": "docker.io", "registry-1.docker.io": "docker.io"}
 DEFAULT_PORT = "443"  # registries are HTTPS: `ghcr.io:443` is `ghcr.io`
@@ -28,7 +27,17 @@ def is_host(component: str) -> bool:
     return looks and len(component) <= HOST_MAX and _HOST_RE.fullmatch(component.lower()) is not None
 
 
-class Router:
+class Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+Upstream = TypeVar("Upstream", bound=Named)
+
+
+class Router(Generic[Upstream]):
+    """Routes requests to upstreams: any objects with a `name` (the upstream clients, in the app)."""
+
     def __init__(self, upstreams: Mapping[str, Upstream], default: str) -> None:
         self.upstreams = upstreams
         self.default = upstreams[default]

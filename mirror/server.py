@@ -1,4 +1,7 @@
-"""The HTTP server: aiohttp's, except that requests its parser refuses get OCI error bodies.
+"""The HTTP server: aiohttp's, with every error it answers as an OCI error body.
+
+`error_middleware` turns the application's errors (domain errors, aiohttp's HTTP exceptions,
+crashes) into OCI JSON bodies.
 
 A request aiohttp cannot parse (a malformed request line, an invalid method, a header
 over the size limit) never reaches the application or its middlewares: aiohttp's
@@ -11,14 +14,19 @@ is built by `MirrorRunner`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import ssl
 from typing import Any, Callable
 
 from aiohttp import http_exceptions, web
+from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestHandler
 
-from mirror.errors import HTTP_CODES, RegistryError, error_response
+from mirror.errors import HTTP_CODES, NeedsPrimary, RegistryError, error_response
+from mirror.requestinfo import RESULT
+
+log = logging.getLogger("mirror")
 
 
 class OciRequestHandler(RequestHandler):
@@ -101,3 +109,29 @@ async def serve(
         await stop.wait()
     finally:
         await runner.cleanup()
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn domain errors, router errors and crashes into OCI JSON bodies."""
+    try:
+        return await handler(request)
+    except RegistryError as err:
+        request[RESULT] = request.get(RESULT, "error")
+        return error_response(err)
+    except NeedsPrimary:
+        raise
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = HTTP_CODES.get(exc.status, "UNKNOWN")
+        message = exc.reason if exc.status != 404 else "not found"
+        if exc.status == 405:
+            message = "method not allowed"
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "content-range")}
+        request[RESULT] = "error"
+        return error_response(RegistryError(code, exc.status, message, headers=headers))
+    except Exception:
+        log.exception("unhandled error serving %s %s", request.method, request.path)
+        request[RESULT] = "error"
+        return error_response(RegistryError("UNKNOWN", 500, "internal error; see the mirror's log"))
