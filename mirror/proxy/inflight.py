@@ -15,7 +15,7 @@ import errno
 import logging
 import os
 from contextlib import AbstractAsyncContextManager
-from typing import Any, AsyncIterator, Awaitable, BinaryIO, Callable, Hashable, NamedTuple, TypeVar
+from typing import AsyncIterator, Awaitable, BinaryIO, Callable, NamedTuple
 
 import aiohttp
 
@@ -32,7 +32,6 @@ WRITE_BATCH = 1 << 20
 RECV_SIZE = 1 << 20
 PIPELINE_DEPTH = 4  # chunks read ahead of hashing
 RELAY_LIMIT = 16 << 20  # memory a pass-through fetch may hold for its slowest reader
-T = TypeVar("T")
 
 
 class Span(NamedTuple):
@@ -381,28 +380,3 @@ async def _next_batch(content: aiohttp.StreamReader, taken: int) -> list[bytes]:
         elif not end_of_http_chunk:
             break  # the end of the body
     return batch
-
-
-class SingleFlight:
-    """Run one coroutine per key at a time; concurrent callers share its result.
-
-    The shared work is shielded: a caller that goes away does not cancel it.
-    """
-
-    def __init__(self) -> None:
-        self._running: dict[Hashable, asyncio.Future[Any]] = {}
-
-    async def do(self, key: Hashable, work: Callable[[], Awaitable[T]]) -> T:
-        fut = self._running.get(key)
-        if fut is None:
-            fut = asyncio.ensure_future(work())
-            self._running[key] = fut
-            fut.add_done_callback(lambda f: self._ended(key, f))
-        return await asyncio.shield(fut)
-
-    def _ended(self, key: Hashable, fut: asyncio.Future[Any]) -> None:
-        self._running.pop(key, None)
-        if not fut.cancelled():
-            # callers still waiting get the error raised; when all of them left (a revalidation
-            # cancelled at shutdown), it must not be reported as "never retrieved"
-            fut.exception()

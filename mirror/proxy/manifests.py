@@ -22,7 +22,7 @@ from mirror.errors import RegistryError
 from mirror.metrics import Metrics
 from mirror.proxy.access import AccessPolicy, Principal
 from mirror.proxy.revalidation import Background, Overdue, revalidation_deadline
-from mirror.proxy.inflight import SingleFlight
+from mirror.proxy.singleflight import SingleFlight
 from mirror.manifest import InvalidManifest, digest_of, media_type_of, referenced_digests
 from mirror.reference import ManifestRef
 from mirror.storage.blobs import ContentStore

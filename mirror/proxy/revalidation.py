@@ -15,7 +15,7 @@ from typing import Any, Awaitable, Callable, Generic, Hashable, TypeVar
 from cachetools import LRUCache
 
 from mirror.errors import RegistryError
-from mirror.proxy.inflight import SingleFlight
+from mirror.proxy.singleflight import SingleFlight
 from mirror.upstream.client import Upstream
 from mirror.upstream.errors import UpstreamError
 
