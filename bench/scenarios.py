@@ -335,11 +335,11 @@ def run_manifest_digest(b: "Bench", system: System, cell: Cell) -> None:
 def make_cached_store(data_dir: Path, objects: int, upstream: str = "docker.io",
                       repo: str = "library/benchstart") -> None:
     """`objects` small content files at the mirror's layout, each with its content row and link,
-    written with the mirror's own schema (mirror/storage/metadata.py, mirror/storage/blobs.py)."""
-    from mirror.storage.blobs import ContentStore
-    from mirror.storage.metadata import SCHEMA, SCHEMA_VERSION
+    written with the mirror's own schema (mirror/storage/metadata/schema.py, mirror/storage/filestore.py)."""
+    from mirror.storage.filestore import FileStore
+    from mirror.storage.metadata.schema import SCHEMA, SCHEMA_VERSION
 
-    store = ContentStore(data_dir)
+    store = FileStore(data_dir)
     store.prepare()
     rng = random.Random(7)
     now = time.time()

@@ -13,7 +13,7 @@ from mirror import adminapi, routes
 from mirror.cache.admin import CacheAdmin
 from mirror.cache.eviction import Evictor, cap_bytes
 from mirror.config import Config
-from mirror.metrics import Metrics, read_cache_usage
+from mirror.metrics import Metrics
 from mirror.observe import METRICS, metrics_middleware
 from mirror.proxy.access import AccessPolicy
 from mirror.proxy.blobs import BlobService
@@ -25,7 +25,7 @@ from mirror.proxy.tags import TagListService
 from mirror.proxy.tokens import TokenService
 from mirror.routing import Router
 from mirror.server import error_middleware
-from mirror.storage.blobs import ContentStore
+from mirror.storage.filestore import FileStore
 from mirror.storage.lock import DataDirLock
 from mirror.storage.metadata import Metadata
 from mirror.storage.reconcile import reconcile
@@ -55,7 +55,7 @@ def make_app(config: Config, clock: Callable[[], float] = time.time, role: Worke
     data_dir.mkdir(parents=True, exist_ok=True)
     secret = data_dir_secret(data_dir)  # the same in every worker and after every restart
     fingerprints = Fingerprinter(derive(secret, "fingerprint"))
-    store = ContentStore(data_dir)
+    store = FileStore(data_dir)
     # stored bytes and bytes being fetched wake eviction as they cross the cap (storage knows no cache)
     metadata = Metadata(data_dir / "index.db", on_grown=lambda: evictor.stored())
     upstream_tokens = TokenCache(clock)
@@ -81,7 +81,7 @@ def make_app(config: Config, clock: Callable[[], float] = time.time, role: Worke
     lock = DataDirLock(data_dir)
     cap = lambda: cap_bytes(config.cache.max_size, data_dir)  # noqa: E731 (a share of the disk is read anew)
     evictor = Evictor(store, metadata, metrics, cap, services.manifests.forget, inflight.bytes_in_flight)
-    metrics.watch_cache(lambda: read_cache_usage(metadata.path), cap)
+    metrics.watch_cache(metadata.stats.read_usage, cap)
     admin = CacheAdmin(store, metadata, services.router, evictor, cap, clock, inflight.temp_files,
                        lambda: hit_ratio(metrics))
     link = PrimaryLink(role.primary_socket, role.index, store) if secondary and role else None
@@ -110,7 +110,7 @@ def make_app(config: Config, clock: Callable[[], float] = time.time, role: Worke
         services.ready = True
         log.info("mirror %sready: data in %s (%.1f MiB cached, cap %.1f MiB), upstreams %s",
                  f"worker {role.index} " if role else "", data_dir.resolve(),
-                 metadata.size / 2**20, evictor.cap() / 2**20, ", ".join(upstreams))
+                 metadata.content.size / 2**20, evictor.cap() / 2**20, ", ".join(upstreams))
         yield
         services.ready = False
         for task in background:

@@ -22,7 +22,7 @@ from mirror.cache.eviction import Evictor, cap_bytes
 from mirror.cache.warm import warm
 from mirror.metrics import Metrics
 from mirror.routing import Router
-from mirror.storage.blobs import ContentStore
+from mirror.storage.filestore import FileStore
 from mirror.storage.lock import DataDirBusy, DataDirLock
 from mirror.storage.metadata import Metadata, SchemaTooNew
 from mirror.storage.secret import SecretError, data_dir_secret, derive
@@ -148,7 +148,7 @@ def _remote(url: str, op: str, body: dict[str, Any], token: str) -> dict[str, An
 async def _local(cfg: configuration.Config, data_dir: Path, op: str, body: dict[str, Any]) -> dict[str, Any]:
     """Carry out the operation on the data directory of a stopped mirror."""
     metrics = Metrics()
-    store = ContentStore(data_dir)
+    store = FileStore(data_dir)
     metadata = Metadata(data_dir / "index.db")
     try:
         await metadata.open()

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sqlite3
-from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
@@ -149,7 +147,7 @@ class Metrics:
                 for family in metric.describe()}
 
     def watch_cache(self, usage: Callable[[], CacheUsage | None], max_bytes: Callable[[], int | None]) -> None:
-        """Report the cache's usage and its cap (e.g. `read_cache_usage(db)`, `Evictor.cap`) at scrape time."""
+        """Report the cache's usage and its cap (e.g. `Stats.read_usage`, `Evictor.cap`) at scrape time."""
         self.cache.usage = usage
         self.cache.max_bytes = max_bytes
 
@@ -232,20 +230,3 @@ def _ask(source: Callable[[], T | None] | None) -> T | None:
     except Exception:
         log.exception("cannot compute a cache metric")
         return None
-
-
-def read_cache_usage(db_path: Path) -> CacheUsage | None:
-    """Totals from the `content` table (a read-only connection; WAL lets it run beside the writer)."""
-    if not db_path.exists():
-        return None
-    try:
-        db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=1.0)
-        try:
-            rows = db.execute("SELECT kind, COUNT(*), COALESCE(SUM(size), 0) FROM content GROUP BY kind").fetchall()
-        finally:
-            db.close()
-    except sqlite3.Error as exc:
-        log.warning("cannot read cache usage from %s: %s", db_path, exc)
-        return None
-    return CacheUsage(sum(int(r[2]) for r in rows), {str(r[0]): int(r[1]) for r in rows})
-

@@ -116,7 +116,7 @@ async def blob(request: web.Request) -> web.StreamResponse:
 
 def _count_hit(request: web.Request, upstream: Upstream, repo: str) -> None:
     if request.get(RESULT) in ("hit", "coalesced"):
-        _services(request).manifests.metadata.count_hit(upstream.name, repo)
+        _services(request).manifests.metadata.stats.count_hit(upstream.name, repo)
 
 
 async def tags(request: web.Request) -> web.Response:
@@ -229,7 +229,7 @@ async def readyz(request: web.Request) -> web.Response:
     problems = []
     store = svc.blobs.store
     if not await asyncio.to_thread(store.writable):
-        problems.append(f"data directory {store.root} is not writable")
+        problems.append(f"content store {store.location} is not writable")
     if not await svc.manifests.metadata.ping():
         problems.append("database is not open")
     if problems:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-from pathlib import Path
 
 import aiohttp
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
 from mirror.cache.eviction import cap_bytes
-from mirror.metrics import CacheUsage, Metrics, read_cache_usage
+from mirror.metrics import CacheUsage, Metrics
 from tests.conftest import TAG_TTL, Mirror
 from tests.fakes.registry import FakeRegistry
 from tests.proxy.test_manifests import ACCEPT
@@ -241,7 +240,7 @@ async def test_cache_gauges_have_no_value_until_wired_then_match_the_store(
     metrics: Metrics = mirror.services.metrics
     if metrics.cache.usage is None:  # not wired by the app: declared, but no made-up zero
         assert not [k for k in await scrape(mirror) if k[0] in names]
-    metrics.watch_cache(lambda: read_cache_usage(mirror.data_dir / "index.db"),
+    metrics.watch_cache(mirror.services.manifests.metadata.stats.read_usage,
                         lambda: cap_bytes("2GiB", mirror.data_dir))
     samples = await scrape(mirror)
     assert samples[("mirror_cache_size_bytes", ())] == len(image.body) + sum(len(b) for b in image.layers)
@@ -260,10 +259,6 @@ async def test_a_failing_cache_source_leaves_its_samples_out(mirror: Mirror) -> 
     assert samples[("mirror_cache_objects", (("kind", "blob"),))] == 1
     assert samples[("mirror_cache_objects", (("kind", "manifest"),))] == 0
     assert ("mirror_cache_max_bytes", ()) not in samples
-
-
-def test_no_database_no_usage(tmp_path: Path) -> None:
-    assert read_cache_usage(tmp_path / "absent.db") is None
 
 
 async def test_upstream_rate_limit_headers_become_gauges(mirror: Mirror, fake_registry: FakeRegistry) -> None:

@@ -40,7 +40,7 @@ from mirror.app import make_app
 from mirror.proxy.inflight import Inflight
 from mirror.routes import SERVICES
 from mirror.server import MirrorRunner
-from mirror.storage.blobs import ContentStore
+from mirror.storage.filestore import FileStore
 from mirror.storage.metadata import Metadata
 from tests.conftest import FakeClock, mirror_config
 from tests.fakes.registry import DOCKER_MANIFEST, FakeRegistry, Image
@@ -186,7 +186,7 @@ class Faults:
         return None
 
 
-def _identity(store: ContentStore, digest: str) -> tuple[int, int] | None:
+def _identity(store: FileStore, digest: str) -> tuple[int, int] | None:
     """Which file holds `digest` now (inode and change time: a refetched copy is a new file)."""
     try:
         st = os.stat(store.path(digest))
@@ -207,7 +207,7 @@ class Doomed:
     """Files whose content eviction dropped from the index: from that moment the mirror treats
     them as gone (rows go first, the files a moment later), so they are not content it must serve."""
 
-    def __init__(self, store: ContentStore) -> None:
+    def __init__(self, store: FileStore) -> None:
         self.store = store
         self.files: set[tuple[int, int]] = set()
 

@@ -15,7 +15,7 @@ from mirror.cache.eviction import Evictor, pinned_digests, plan_images
 from mirror.errors import RegistryError
 from mirror.reference import TAG_RE, parse_digest
 from mirror.routing import Router
-from mirror.storage.blobs import ContentStore
+from mirror.storage.store import ContentStore
 from mirror.storage.metadata import Metadata
 from mirror.storage.reconcile import reconcile
 
@@ -71,40 +71,40 @@ class CacheAdmin:
 
     async def _digest_of(self, image: ImageRef) -> str:
         if image.digest:
-            if await self.metadata.get_content(image.digest) is None:
+            if await self.metadata.content.get(image.digest) is None:
                 raise AdminError(f"{image} is not cached: pull it first (e.g. `mirror warm {image}`)")
             return image.digest
-        row = await self.metadata.get_tag(image.upstream, image.repo, image.ref)
-        if row is None or await self.metadata.get_content(row.digest) is None:
+        row = await self.metadata.tags.get(image.upstream, image.repo, image.ref)
+        if row is None or await self.metadata.content.get(row.digest) is None:
             raise AdminError(f"{image} is not cached: pull it first (e.g. `mirror warm {image}`)")
         return row.digest
 
     async def stats(self, top: int = 10) -> dict[str, object]:
         await self.metadata.flush()  # this process's latest hits count too
-        by_kind = await self.metadata.usage_by_kind()
-        oldest = await self.metadata.oldest_access()
+        by_kind = await self.metadata.stats.usage_by_kind()
+        oldest = await self.metadata.stats.oldest_access()
         return {
-            "size_bytes": self.metadata.size,
+            "size_bytes": self.metadata.content.size,
             "max_bytes": self.cap(),
             "objects": {kind: n for kind, (n, _size) in by_kind.items()},
             "bytes_by_kind": {kind: size for kind, (_n, size) in by_kind.items()},
             "oldest_access": oldest,
             "hit_ratio": self.hit_ratio(),
-            "pins": [f"{u}/{r}" + (f"@{ref}" if ":" in ref else f":{ref}") for u, r, ref in await self.metadata.pins()],
+            "pins": [f"{u}/{r}" + (f"@{ref}" if ":" in ref else f":{ref}") for u, r, ref in await self.metadata.pins.all()],
             "top_by_size": [{"repository": f"{u}/{r}", "bytes": b}
-                            for u, r, b in await self.metadata.repositories_by_size(top)],
-            "top_by_hits": [{"repository": f"{u}/{r}", "hits": n} for u, r, n in await self.metadata.top_hits(top)],
+                            for u, r, b in await self.metadata.stats.repositories_by_size(top)],
+            "top_by_hits": [{"repository": f"{u}/{r}", "hits": n} for u, r, n in await self.metadata.stats.top_hits(top)],
         }
 
     async def pin(self, text: str) -> dict[str, object]:
         image = parse_image(text, self.router)
         await self._digest_of(image)
-        await self.metadata.add_pin(image.upstream, image.repo, image.ref)
+        await self.metadata.pins.add(image.upstream, image.repo, image.ref)
         return {"pinned": str(image)}
 
     async def unpin(self, text: str) -> dict[str, object]:
         image = parse_image(text, self.router)
-        if not await self.metadata.remove_pin(image.upstream, image.repo, image.ref):
+        if not await self.metadata.pins.remove(image.upstream, image.repo, image.ref):
             raise AdminError(f"{image} is not pinned")
         return {"unpinned": str(image)}
 
@@ -118,7 +118,7 @@ class CacheAdmin:
             raise AdminError("purge takes exactly one of: an image reference, --repo NAME, --older-than DURATION")
         await self.metadata.flush()
         pinned = await pinned_digests(self.metadata, self.store)
-        plan = await asyncio.to_thread(plan_images, await self.metadata.content_usage(), self.store)
+        plan = await asyncio.to_thread(plan_images, await self.metadata.content.usage(), self.store)
         doomed: set[str] = set()
         if image is not None:
             ref = parse_image(image, self.router)
@@ -127,14 +127,14 @@ class CacheAdmin:
             others = set().union(*(u.closure for u in plan if u.root not in parts))
             doomed = (parts - others) | {digest}
             if ref.tag:
-                await self.metadata.drop_tag(ref.upstream, ref.repo, ref.tag)
+                await self.metadata.tags.drop(ref.upstream, ref.repo, ref.tag)
         elif repo is not None:
             try:
                 up, name = self.router.route(repo, None)
             except RegistryError as exc:
                 raise AdminError(f"{repo!r}: {exc.message}") from None
             upstream = up.name
-            only_here, _shared = await self.metadata.repository_digests(upstream, name)
+            only_here, _shared = await self.metadata.links.of_repository(upstream, name)
             doomed = only_here & set(plan.sizes)
             await self.metadata.forget_repository(upstream, name)
         else:
@@ -153,9 +153,5 @@ class CacheAdmin:
         """Reconcile rows with files, and remove temp files no fetch is writing."""
         dropped, adopted = await reconcile(self.store, self.metadata)
         busy = self.busy_tmp()
-        stale = 0
-        for path in list(self.store.tmp_dir.iterdir()):
-            if path.name not in busy:
-                path.unlink(missing_ok=True)
-                stale += 1
+        stale = self.store.remove_temp_files(busy)
         return {"dropped_rows": dropped, "adopted_files": adopted, "removed_temp_files": stale}

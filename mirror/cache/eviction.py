@@ -22,7 +22,7 @@ from mirror.config import parse_size
 from mirror.metrics import Metrics
 from mirror.manifest import referenced_digests
 from mirror.reference import is_digest
-from mirror.storage.blobs import ContentStore
+from mirror.storage.store import ContentStore
 from mirror.storage.images import image_parts
 from mirror.storage.metadata import Metadata
 
@@ -43,8 +43,8 @@ def cap_bytes(max_size: str, data_dir: Path) -> int:
 async def pinned_digests(metadata: Metadata, store: ContentStore) -> set[str]:
     """Everything reachable from a pin; a pinned tag protects what it points at now."""
     pinned: set[str] = set()
-    for upstream, repo, ref in await metadata.pins():
-        digest = ref if is_digest(ref) else getattr(await metadata.get_tag(upstream, repo, ref), "digest", None)
+    for upstream, repo, ref in await metadata.pins.all():
+        digest = ref if is_digest(ref) else getattr(await metadata.tags.get(upstream, repo, ref), "digest", None)
         if digest:
             pinned |= (await image_parts(metadata, store, digest))[0]
     return pinned
@@ -103,7 +103,7 @@ class Evictor:
         plus what the running fetches are writing."""
         cap = self._cap if self._cap is not None else self.cap()
         early = min(self.in_flight(), cap - int(cap * LOW_MARK))
-        return self.metadata.size + max(self._reserved, early)
+        return self.metadata.content.size + max(self._reserved, early)
 
     def written(self) -> None:
         """A fetch wrote a batch: wake the loop if that took the bytes in use past the cap.
@@ -175,7 +175,7 @@ class Evictor:
             return 0, 0
         await self.metadata.flush()
         pinned = await pinned_digests(self.metadata, self.store)
-        plan = await asyncio.to_thread(plan_images, await self.metadata.content_usage(), self.store, self._children)
+        plan = await asyncio.to_thread(plan_images, await self.metadata.content.usage(), self.store, self._children)
         self._children = plan.children
         if self.used() <= cap and not force:
             self._slack = 0

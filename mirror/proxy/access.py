@@ -74,14 +74,14 @@ class AccessPolicy:
     def _record(self, key: tuple[str, str, str], allowed: bool, message: str = "") -> None:
         decision = Decision(allowed, self._clock(), message)
         self._decisions[key] = decision
-        self._metadata.record_access(*key, allowed, decision.at, message)
+        self._metadata.access.record(*key, allowed, decision.at, message)
 
     async def _known(self, key: tuple[str, str, str], ttl: Callable[[Decision], float]) -> Decision | None:
         """The last decision; one remembered but expired is read again, as another worker
         process may have asked upstream since."""
         known = self._decisions.get(key)
         if known is None or self._clock() - known.at >= ttl(known):
-            if (row := await self._metadata.get_access(*key)) is not None:
+            if (row := await self._metadata.access.get(*key)) is not None:
                 known = self._decisions[key] = Decision(*row)
         return known
 

@@ -34,7 +34,7 @@ from mirror.proxy import ranges, sending
 from mirror.proxy.access import AccessPolicy, Principal
 from mirror.proxy.inflight import Fetch, FetchFailed, Inflight
 from mirror.proxy.ranges import ByteRange, Multipart
-from mirror.storage.blobs import ContentStore
+from mirror.storage.store import ContentStore
 from mirror.storage.metadata import Metadata
 from mirror.storage.sizes import descriptor_size
 from mirror.upstream.credentials import Credentials
@@ -214,10 +214,7 @@ class BlobService:
 
     def _open(self, digest: str) -> BinaryIO | None:
         """The stored blob, open for reading; None if it is not stored (or was just evicted)."""
-        try:
-            return open(self.store.path(digest), "rb")
-        except FileNotFoundError:
-            return None
+        return self.store.open(digest)
 
     async def _allow(self, upstream: Upstream, repo: str, digest: str, principal: Principal) -> None:
         """The access check, probing with a HEAD of this very blob (which also proves the link)."""
@@ -225,13 +222,13 @@ class BlobService:
 
     async def _linked(self, upstream: Upstream, repo: str, digest: str, principal: Principal) -> None:
         """Make sure `repo` holds `digest` upstream before serving it through that repository."""
-        if not await self.metadata.is_linked(upstream.name, repo, digest):
+        if not await self.metadata.links.contains(upstream.name, repo, digest):
             await self._confirm(upstream, repo, digest, principal.upstream)
 
     async def _confirm(self, upstream: Upstream, repo: str, digest: str, creds: Credentials | None) -> None:
         """One upstream HEAD: does `repo` really hold `digest`? Then link it."""
         await upstream.head_blob(repo, digest, creds)
-        await self.metadata.link(upstream.name, repo, [digest])
+        await self.metadata.links.add(upstream.name, repo, [digest])
 
     async def _a_blob_there(self, upstream: Upstream, repo: str, digest: str, principal: Principal,
                             file: BinaryIO) -> None:
@@ -240,7 +237,7 @@ class BlobService:
         raises UpstreamError (404 → BLOB_UNKNOWN). Manifests are linked to their repositories
         too, so a link alone does not say it."""
         key = (upstream.name, repo, digest)
-        kind = await self.metadata.content_kind(digest)
+        kind = await self.metadata.content.kind(digest)
         if kind == "blob" or key in self._served_as_blob:
             return
         await upstream.head_blob(repo, digest, principal.upstream)
@@ -257,7 +254,7 @@ class BlobService:
         """
         answer = plan(request, digest, os.fstat(file.fileno()).st_size)
         request[RESULT] = "hit"
-        self.metadata.touch(digest, self.clock())
+        self.metadata.content.touch(digest, self.clock())
         if answer.status == 304 or request.method == "HEAD":
             return answer.response()
         return SentFile(file, answer)
@@ -286,8 +283,8 @@ class BlobService:
 
     async def _stored(self, fetch: Fetch) -> None:
         now = self.clock()
-        await self.metadata.add_content(fetch.digest, fetch.written, None, "blob", now)
-        await self.metadata.link(fetch.upstream, fetch.repo, [fetch.digest])
+        await self.metadata.content.add(fetch.digest, fetch.written, None, "blob", now)
+        await self.metadata.links.add(fetch.upstream, fetch.repo, [fetch.digest])
 
     async def _stream(self, request: web.Request, fetch: Fetch, head: bool) -> web.StreamResponse:
         """Send the blob from the growing file: headers once upstream answered, bytes as they land.

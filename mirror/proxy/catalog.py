@@ -43,7 +43,7 @@ class CatalogService:
         n, last = _page(query)
         open_upstreams = [name for name, up in self.router.upstreams.items()
                           if principal.client is None and up.config.share_with_anonymous]
-        found = await self.metadata.readable_repositories(principal.name, open_upstreams)
+        found = await self.metadata.access.readable_repositories(principal.name, open_upstreams)
         names = sorted(self._shown(upstream, repo) for upstream, repo in found)
         if last is not None:
             names = [name for name in names if name > last]

@@ -21,9 +21,9 @@ import aiohttp
 
 from mirror.errors import NeedsPrimary
 from mirror.metrics import Metrics
-from mirror.storage.blobs import BlobWriter, ContentStore, DigestMismatch
-from mirror.upstream.credentials import Credentials
+from mirror.storage.store import BlobWriter, ContentStore, DigestMismatch
 from mirror.upstream.client import Upstream
+from mirror.upstream.credentials import Credentials
 from mirror.upstream.errors import UpstreamError
 
 log = logging.getLogger("mirror.inflight")
@@ -61,6 +61,7 @@ class Fetch:
         self.error: BaseException | None = None
         self.started = asyncio.Event()
         self._progress = asyncio.Event()
+        self._file: BinaryIO | None = None
         self._fd = -1
         self._readers = 0
         self._began = False
@@ -71,8 +72,9 @@ class Fetch:
         self._consumed = asyncio.Event()
 
     def _begin(self, writer: BlobWriter, size: int | None) -> None:
-        self._fd = os.open(writer.tmp_path, os.O_RDONLY | os.O_CLOEXEC)
-        self.tmp_name = writer.tmp_path.name
+        self._file = writer.open_written()
+        self._fd = self._file.fileno()
+        self.tmp_name = writer.temp_name
         self.size = size
         self._began = True
         self.started.set()
@@ -94,8 +96,9 @@ class Fetch:
         self._maybe_close()
 
     def _maybe_close(self) -> None:
-        if self.done and self._readers == 0 and self._fd >= 0:
-            os.close(self._fd)
+        if self.done and self._readers == 0 and self._file is not None:
+            self._file.close()
+            self._file = None
             self._fd = -1
 
     def join(self) -> Fetch:

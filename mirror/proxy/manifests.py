@@ -25,7 +25,7 @@ from mirror.proxy.revalidation import Background, Overdue, revalidation_deadline
 from mirror.proxy.singleflight import SingleFlight
 from mirror.manifest import InvalidManifest, digest_of, media_type_of, referenced_digests
 from mirror.reference import ManifestRef
-from mirror.storage.blobs import ContentStore
+from mirror.storage.store import ContentStore
 from mirror.storage.images import image_parts
 from mirror.storage.metadata import Metadata, TagRow
 from mirror.upstream.credentials import Credentials, fingerprint
@@ -116,7 +116,7 @@ class ManifestService:
                                                      lambda: image_parts(self.metadata, self.store, digest))
             known = self._parts[digest] = (tuple(found), None if complete else now + PARTS_RECHECK)
         for part in known[0]:
-            self.metadata.touch(part, now)
+            self.metadata.content.touch(part, now)
 
     def forget(self, digests: list[str]) -> None:
         """Evicted content leaves the in-memory caches too."""
@@ -137,9 +137,9 @@ class ManifestService:
         cached = await self._load(digest)
         if cached is not None:
             await self._allow(upstream, repo, principal, digest)
-            if not await self.metadata.is_linked(upstream.name, repo, digest):
+            if not await self.metadata.links.contains(upstream.name, repo, digest):
                 await upstream.head_manifest(repo, digest, ACCEPT_ALL, principal.upstream)
-                await self.metadata.link(upstream.name, repo, [digest])
+                await self.metadata.links.add(upstream.name, repo, [digest])
             return _answer(cached, "hit")
         if not principal.fetches_as_itself:
             await self._allow(upstream, repo, principal, digest)
@@ -170,8 +170,8 @@ class ManifestService:
         digest, body = manifest.digest, manifest.body
         if self.store.size(digest) is None:
             self.store.put(digest, body)
-        await self.metadata.add_content(digest, len(body), manifest.media_type, "manifest", self.clock())
-        await self.metadata.link(upstream.name, repo, [digest, *referenced_digests(body)])
+        await self.metadata.content.add(digest, len(body), manifest.media_type, "manifest", self.clock())
+        await self.metadata.links.add(upstream.name, repo, [digest, *referenced_digests(body)])
         self._memory[digest] = manifest
         return manifest
 
@@ -179,7 +179,7 @@ class ManifestService:
         cached = self._memory.get(digest)
         if cached is not None:
             return cached
-        row = await self.metadata.get_content(digest)
+        row = await self.metadata.content.get(digest)
         body = self.store.read(digest) if row is not None else None
         if body is None:
             return None
@@ -192,7 +192,7 @@ class ManifestService:
 
     # -- by tag --------------------------------------------------------------------
     async def _by_tag(self, upstream: Upstream, repo: str, tag: str, principal: Principal) -> Answer:
-        row = await self.metadata.get_tag(upstream.name, repo, tag, self.clock())
+        row = await self.metadata.tags.get(upstream.name, repo, tag, self.clock())
         cached = await self._load(row.digest) if row else None
         if row and cached and self.clock() < row.expires_at:
             await self._allow(upstream, repo, principal, cached.digest)
@@ -256,11 +256,11 @@ class ManifestService:
         if row is not None:
             self.metrics.tag_revalidations.labels("unchanged" if row.digest == manifest.digest else "changed").inc()
         now = self.clock()
-        await self.metadata.put_tag(
+        await self.metadata.tags.put(
             TagRow(upstream.name, repo, tag, manifest.digest, manifest.media_type, now, now + upstream.config.tag_ttl)
         )
         if known is not None:
-            await self.metadata.link(upstream.name, repo, [known.digest, *referenced_digests(known.body)])
+            await self.metadata.links.add(upstream.name, repo, [known.digest, *referenced_digests(known.body)])
         return _answer(manifest, "hit" if known is not None else "miss")
 
     async def _passthrough(

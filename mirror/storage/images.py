@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from mirror.manifest import referenced_digests
-from mirror.storage.blobs import ContentStore
 from mirror.storage.metadata import Metadata
+from mirror.storage.store import ContentStore
 
 
 async def image_parts(metadata: Metadata, store: ContentStore, digest: str) -> tuple[set[str], bool]:
@@ -19,7 +19,7 @@ async def image_parts(metadata: Metadata, store: ContentStore, digest: str) -> t
         if current in parts:
             continue
         parts.add(current)
-        row = await metadata.get_content(current)
+        row = await metadata.content.get(current)
         if row is None:
             complete = False
         elif row.kind == "manifest" and (body := store.read(current)) is not None:

@@ -11,19 +11,19 @@ from __future__ import annotations
 import asyncio
 
 from mirror.manifest import descriptor_sizes
-from mirror.storage.blobs import ContentStore
 from mirror.storage.metadata import Metadata
+from mirror.storage.store import ContentStore
 
 
 async def descriptor_size(metadata: Metadata, store: ContentStore, upstream: str, repo: str,
                           digest: str) -> int | None:
     """The size in bytes that a stored manifest linked to `repo` gives `digest`; None if none does."""
-    size = await metadata.descriptor_size(upstream, repo, digest)
+    size = await metadata.descriptors.size(upstream, repo, digest)
     if size is not None:
         return size
-    pending = await metadata.undescribed_manifests(upstream, repo)
+    pending = await metadata.descriptors.undescribed(upstream, repo)
     for manifest in pending:
         body = await asyncio.to_thread(store.read, manifest)
         if body is not None:
-            await metadata.add_descriptors(manifest, {manifest: len(body), **descriptor_sizes(body)})
-    return await metadata.descriptor_size(upstream, repo, digest) if pending else None
+            await metadata.descriptors.add(manifest, {manifest: len(body), **descriptor_sizes(body)})
+    return await metadata.descriptors.size(upstream, repo, digest) if pending else None

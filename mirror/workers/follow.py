@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import re
 import struct
-from pathlib import Path
 from typing import BinaryIO
 
 import aiohttp
@@ -34,7 +33,7 @@ from mirror.proxy import sending
 from mirror.proxy.inflight import Fetch
 from mirror.reference import parse_digest
 from mirror.requestinfo import BODY_LENGTH, from_secondary
-from mirror.storage.blobs import ContentStore
+from mirror.storage.store import ContentStore
 
 FOLLOW = "X-Mirror-Follow"  # secondary → primary: answer a blob miss with its temp file and progress
 TEMP_FILE = "X-Mirror-Temp-File"  # primary → secondary: the temp file's name in tmp/
@@ -70,12 +69,12 @@ def _open(store: ContentStore, temp_name: str, digest: str) -> BinaryIO:
 
     Raises FileNotFoundError if both are gone, OSError for a name that is not a temp file's.
     """
-    if not temp_name or Path(temp_name).name != temp_name or temp_name in (".", ".."):
-        raise OSError(f"unexpected temp file name {temp_name!r}")
     try:
-        return open(store.tmp_dir / temp_name, "rb")
+        return store.open_temp(temp_name)
     except FileNotFoundError:
-        return open(store.path(digest), "rb")
+        if (file := store.open(digest)) is None:
+            raise FileNotFoundError(f"neither the temp file {temp_name!r} nor {digest} is there") from None
+        return file
 
 
 def is_followed(answer: aiohttp.ClientResponse) -> bool:

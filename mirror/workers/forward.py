@@ -21,7 +21,7 @@ from aiohttp.typedefs import Handler
 from mirror.errors import NeedsPrimary, RegistryError, error_response
 from mirror.observe import client_left
 from mirror.proxy import sending
-from mirror.storage.blobs import ContentStore
+from mirror.storage.store import ContentStore
 from mirror.workers import follow
 from mirror.requestinfo import CLIENT_ADDRESS, CLIENT_SCHEME, FORWARDED, HANDED_BY
 

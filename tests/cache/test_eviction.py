@@ -14,7 +14,7 @@ from mirror.adminapi import ADMIN
 from mirror.app import make_app
 from mirror.cache import eviction
 from mirror.cache.eviction import Evictor, cap_bytes, plan_images
-from mirror.storage.blobs import ContentStore
+from mirror.storage.filestore import FileStore
 from tests.conftest import FakeClock, Mirror, mirror_config
 from tests.fakes.registry import OCI_MANIFEST, FakeRegistry, Image, digest_of
 from tests.proxy.test_manifests import ACCEPT
@@ -84,7 +84,7 @@ async def test_least_recently_used_images_leave_whole(small_mirror: Mirror, fake
     small_mirror.clock.advance(10)
     images[4] = add_image(fake_registry, 4)
     await pull(small_mirror, "library/app4", images[4])  # past the cap: app1, the least recently used, goes
-    assert small_mirror.services.blobs.metadata.size <= CAP
+    assert small_mirror.services.blobs.metadata.content.size <= CAP
     for n in range(5):
         assert len(cached(small_mirror, images[n])) == 1, f"image {n} was cut in half"
     assert cached(small_mirror, images[1]) == {False}
@@ -106,9 +106,9 @@ async def test_pinned_images_are_never_evicted(small_mirror: Mirror, fake_regist
         await pull(small_mirror, f"library/app{n}", images[n])
         small_mirror.clock.advance(10)
         if n == 0:
-            await metadata.add_pin("docker.io", "library/app0", "1")
+            await metadata.pins.add("docker.io", "library/app0", "1")
         if n == 1:
-            await metadata.add_pin("docker.io", "library/app1", images[1].digest)
+            await metadata.pins.add("docker.io", "library/app1", images[1].digest)
     assert small_mirror.services.metrics.evictions._value.get() > 0
     assert cached(small_mirror, images[0]) == {True}
     assert cached(small_mirror, images[1]) == {True}
@@ -129,7 +129,7 @@ async def test_index_parts_age_together(small_mirror: Mirror, fake_registry: Fak
     small_mirror.clock.advance(100)
     await small_mirror.client.get("/v2/library/multi/manifests/1", headers=ACCEPT)
     await small_mirror.services.blobs.metadata.flush()
-    rows = await small_mirror.services.blobs.metadata.content_usage()
+    rows = await small_mirror.services.blobs.metadata.content.usage()
     times = {d: at for d, _size, _kind, at in rows}
     parts = [index.digest, amd.digest, arm.digest, amd.layer_digests[0], arm.config_digest]
     assert len({times[d] for d in parts}) == 1, "serving the index must bump every part of it"
@@ -186,7 +186,7 @@ async def test_a_fetch_past_the_cap_evicts_before_it_is_stored(small_mirror: Mir
     store = small_mirror.services.blobs.store
     assert store.size(old[0]) is None, "the least recently used blob stays past the cap"
     assert store.size(new) == len(data)
-    assert small_mirror.services.blobs.metadata.size <= CAP
+    assert small_mirror.services.blobs.metadata.content.size <= CAP
     content, tmp = on_disk(small_mirror)
     assert content <= CAP and tmp == 0
 
@@ -198,7 +198,7 @@ async def test_the_data_directory_stays_within_the_cap_plus_running_fetches(
     new row, files under content/ and tmp/ add up to no more than the cap plus the temp files."""
     pinned = add_image(fake_registry, 0, layers=1)
     await pull(small_mirror, "library/app0", pinned)
-    await small_mirror.services.blobs.metadata.add_pin("docker.io", "library/app0", "1")
+    await small_mirror.services.blobs.metadata.pins.add("docker.io", "library/app0", "1")
     old = [fake_registry.add_blob("library/burst", os.urandom(200_000)) for _ in range(4)]
     for digest in old:  # with the pinned image: about 900 kB cached
         await fetch_blob(small_mirror, "library/burst", digest)
@@ -288,7 +288,7 @@ async def test_a_burst_of_wakes_runs_one_eviction_and_leaves_one_pending(
     await small_mirror.settled()
     store = small_mirror.services.blobs.store
     assert all(store.size(d) == len(body) for d, body in bodies.items())
-    assert small_mirror.services.blobs.metadata.size <= CAP
+    assert small_mirror.services.blobs.metadata.content.size <= CAP
 
 
 async def test_with_all_else_pinned_writes_past_the_cap_do_not_plan_a_pass_each(
@@ -301,7 +301,7 @@ async def test_with_all_else_pinned_writes_past_the_cap_do_not_plan_a_pass_each(
     images = [add_image(fake_registry, n, layers=2 if n < 4 else 1) for n in range(5)]
     for n, image in enumerate(images):
         await pull(small_mirror, f"library/app{n}", image)
-        await metadata.add_pin("docker.io", f"library/app{n}", "1")
+        await metadata.pins.add("docker.io", f"library/app{n}", "1")
     ev = evictor(small_mirror)
     evict, written = ev.evict, ev.written
     runs = past = 0
@@ -328,12 +328,12 @@ async def test_with_all_else_pinned_writes_past_the_cap_do_not_plan_a_pass_each(
     assert past >= 10 and runs <= past // 3, (past, runs)  # a few passes (crossing, commit, new row), not one per batch
     assert all(cached(small_mirror, image) == {True} for image in images)
     assert small_mirror.services.blobs.store.size(digest) is None
-    assert metadata.size <= CAP
+    assert metadata.content.size <= CAP
 
 
 def test_a_plan_reads_each_manifest_once(tmp_path: Path) -> None:
     """Manifests never change: the next plan takes what they reference from the last one."""
-    store = ContentStore(tmp_path)
+    store = FileStore(tmp_path)
     store.prepare()
     layers = ["sha256:" + f"{n:064x}" for n in range(2)]
     body = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {"digest": layers[0], "size": 1},
@@ -343,7 +343,7 @@ def test_a_plan_reads_each_manifest_once(tmp_path: Path) -> None:
     rows = [(manifest, len(body), "manifest", 2.0), (layers[0], 1, "blob", 1.0), (layers[1], 1, "blob", 1.0)]
     first = plan_images(rows, store)
 
-    class Unreadable(ContentStore):
+    class Unreadable(FileStore):
         def read(self, digest: str) -> bytes | None:
             raise AssertionError(f"{digest} read again")
 

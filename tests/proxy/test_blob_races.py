@@ -130,7 +130,7 @@ async def test_kind1_a_blob_evicted_while_its_checks_wait_is_still_sent_whole(
     if check == "access":
         monkeypatch.setattr(blobs.access, "ensure", gate.wrap(blobs.access.ensure))
     else:
-        monkeypatch.setattr(blobs.metadata, "is_linked", gate.wrap(blobs.metadata.is_linked))
+        monkeypatch.setattr(blobs.metadata.links, "contains", gate.wrap(blobs.metadata.links.contains))
     pending = asyncio.ensure_future(mirror.client.request(method, url, headers=headers))
     await asyncio.wait_for(gate.reached.wait(), BOUND)  # the blob was found; its check waits
     await evict(mirror.services, digest)

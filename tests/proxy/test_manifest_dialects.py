@@ -43,7 +43,7 @@ async def test_kind3_generic_content_type_is_served_as_the_manifests_own_type(
         assert await resp.read() == body
         head = await mirror.client.head(f"/v2/library/app/manifests/{ref}", headers=ACCEPT_ALL)
         assert (head.status, head.headers["Content-Type"]) == (200, expected)
-    row = await mirror.services.manifests.metadata.get_content(digest)
+    row = await mirror.services.manifests.metadata.content.get(digest)
     assert row is not None and row.media_type == expected
 
 
@@ -56,7 +56,7 @@ async def test_kind3_a_cdn_page_instead_of_a_manifest_is_refused_and_not_cached(
     assert resp.status == 502
     error = (await resp.json())["errors"][0]
     assert error["code"] == "MANIFEST_INVALID" and "not a manifest" in error["message"]
-    assert await mirror.services.manifests.metadata.get_content(digest) is None
+    assert await mirror.services.manifests.metadata.content.get(digest) is None
     assert not mirror.services.manifests.store.path(digest).exists()
 
 
@@ -97,7 +97,7 @@ async def test_kind4_a_schema1_whose_signature_fails_is_refused(mirror: Mirror, 
     resp = await mirror.client.get("/v2/library/old/manifests/1", headers=ACCEPT_ALL)
     assert resp.status == 502
     assert (await resp.json())["errors"][0]["code"] == "MANIFEST_INVALID"
-    assert await mirror.services.manifests.metadata.get_content(image.digest) is None
+    assert await mirror.services.manifests.metadata.content.get(image.digest) is None
 
 
 async def test_kind4_a_schema1_with_another_payload_than_claimed_is_a_mismatch(

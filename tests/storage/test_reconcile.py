@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mirror.storage.blobs import ContentStore
+from mirror.storage.filestore import FileStore
 from mirror.storage.metadata import Metadata, TagRow
 from mirror.storage.reconcile import reconcile
 
@@ -19,57 +19,57 @@ def _digest(data: bytes) -> str:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> ContentStore:
-    store = ContentStore(tmp_path / "data")
+def store(tmp_path: Path) -> FileStore:
+    store = FileStore(tmp_path / "data")
     store.prepare()
     return store
 
 
 @pytest.fixture
-async def metadata(store: ContentStore) -> AsyncIterator[Metadata]:
+async def metadata(store: FileStore) -> AsyncIterator[Metadata]:
     md = Metadata(store.root / "index.db")
     await md.open()
     yield md
     await md.close()
 
 
-async def test_agreeing_rows_and_files_are_left_alone(store: ContentStore, metadata: Metadata) -> None:
+async def test_agreeing_rows_and_files_are_left_alone(store: FileStore, metadata: Metadata) -> None:
     data = b"layer"
     store.put(_digest(data), data)
-    await metadata.add_content(_digest(data), len(data), None, "blob", 100.0)
-    await metadata.link("docker.io", "library/app", [_digest(data)])
+    await metadata.content.add(_digest(data), len(data), None, "blob", 100.0)
+    await metadata.links.add("docker.io", "library/app", [_digest(data)])
     assert await reconcile(store, metadata) == (0, 0)
-    assert await metadata.all_content() == {_digest(data): len(data)}
-    assert await metadata.is_linked("docker.io", "library/app", _digest(data))
+    assert await metadata.content.sizes() == {_digest(data): len(data)}
+    assert await metadata.links.contains("docker.io", "library/app", _digest(data))
     assert store.read(_digest(data)) == data
 
 
-async def test_rows_whose_files_are_gone_are_dropped(store: ContentStore, metadata: Metadata) -> None:
+async def test_rows_whose_files_are_gone_are_dropped(store: FileStore, metadata: Metadata) -> None:
     kept, gone = b"kept", b"gone"
     store.put(_digest(kept), kept)
-    await metadata.add_content(_digest(kept), len(kept), None, "blob", 100.0)
-    await metadata.add_content(_digest(gone), len(gone), MANIFEST, "manifest", 100.0)  # its file was deleted
-    await metadata.link("docker.io", "library/app", [_digest(gone)])
-    await metadata.put_tag(TagRow("docker.io", "library/app", "latest", _digest(gone), MANIFEST, 100.0, 700.0))
+    await metadata.content.add(_digest(kept), len(kept), None, "blob", 100.0)
+    await metadata.content.add(_digest(gone), len(gone), MANIFEST, "manifest", 100.0)  # its file was deleted
+    await metadata.links.add("docker.io", "library/app", [_digest(gone)])
+    await metadata.tags.put(TagRow("docker.io", "library/app", "latest", _digest(gone), MANIFEST, 100.0, 700.0))
     assert await reconcile(store, metadata) == (1, 0)
-    assert await metadata.all_content() == {_digest(kept): len(kept)}
-    assert not await metadata.is_linked("docker.io", "library/app", _digest(gone))
-    assert await metadata.get_tag("docker.io", "library/app", "latest") is None
+    assert await metadata.content.sizes() == {_digest(kept): len(kept)}
+    assert not await metadata.links.contains("docker.io", "library/app", _digest(gone))
+    assert await metadata.tags.get("docker.io", "library/app", "latest") is None
 
 
-async def test_verified_orphan_files_are_adopted(store: ContentStore, metadata: Metadata) -> None:
+async def test_verified_orphan_files_are_adopted(store: FileStore, metadata: Metadata) -> None:
     data = b"x" * 5000  # written and renamed, then the process died before its row
     store.put(_digest(data), data)
     assert await reconcile(store, metadata) == (0, 1)
-    assert await metadata.all_content() == {_digest(data): 5000}
-    row = await metadata.get_content(_digest(data))
+    assert await metadata.content.sizes() == {_digest(data): 5000}
+    row = await metadata.content.get(_digest(data))
     assert row is not None and row.kind == "blob"
     assert store.read(_digest(data)) == data
     assert await reconcile(store, metadata) == (0, 0)  # and it stays adopted
 
 
 async def test_files_whose_content_does_not_match_their_name_are_deleted(
-        store: ContentStore, metadata: Metadata) -> None:
+        store: FileStore, metadata: Metadata) -> None:
     claimed = _digest(b"what the name promises")
     path = store.path(claimed)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,36 +78,36 @@ async def test_files_whose_content_does_not_match_their_name_are_deleted(
     store.put(_digest(good), good)
     assert await reconcile(store, metadata) == (0, 1)
     assert not path.exists()
-    assert await metadata.get_content(claimed) is None
-    assert await metadata.all_content() == {_digest(good): len(good)}
+    assert await metadata.content.get(claimed) is None
+    assert await metadata.content.sizes() == {_digest(good): len(good)}
 
 
-async def test_stray_files_beside_content_do_not_stop_the_start(store: ContentStore, metadata: Metadata) -> None:
+async def test_stray_files_beside_content_do_not_stop_the_start(store: FileStore, metadata: Metadata) -> None:
     (store.content_dir / "README").write_text("stray")
     (store.content_dir / "ab" / ("ab" * 32)).mkdir(parents=True)  # a directory with a digest's name
     data = b"orphan"
     store.put(_digest(data), data)
     assert await reconcile(store, metadata) == (0, 1)
-    assert await metadata.all_content() == {_digest(data): len(data)}
+    assert await metadata.content.sizes() == {_digest(data): len(data)}
     assert (store.content_dir / "README").exists()
 
 
 async def test_an_orphan_signed_schema1_manifest_is_adopted_as_a_manifest(
-        store: ContentStore, metadata: Metadata) -> None:
+        store: FileStore, metadata: Metadata) -> None:
     body = (Path(__file__).parent.parent / "data" / "schema1-signed.json").read_bytes()
     digest = "sha256:bff08d8da5a030fc39fdfcddd533fac4bc76d877d1a33bc336f8115e18d9081b"  # of its payload
     assert _digest(body) != digest
     store.put(digest, body)
     assert await reconcile(store, metadata) == (0, 1)
-    row = await metadata.get_content(digest)
+    row = await metadata.content.get(digest)
     assert row is not None and row.kind == "manifest"
     assert row.media_type == "application/vnd.docker.distribution.manifest.v1+prettyjws"
     assert store.read(digest) == body
 
 
-async def test_an_orphan_manifest_is_adopted_with_its_media_type(store: ContentStore, metadata: Metadata) -> None:
+async def test_an_orphan_manifest_is_adopted_with_its_media_type(store: FileStore, metadata: Metadata) -> None:
     body = b'{"schemaVersion": 2, "mediaType": "%s", "config": {}, "layers": []}' % MANIFEST.encode()
     store.put(_digest(body), body)
     assert await reconcile(store, metadata) == (0, 1)
-    row = await metadata.get_content(_digest(body))
+    row = await metadata.content.get(_digest(body))
     assert row is not None and (row.kind, row.media_type) == ("manifest", MANIFEST)

@@ -262,7 +262,7 @@ async def test_kind1_a_hit_evicted_while_the_secondary_checks_it_is_still_sent_w
         assert (await group.secondary.get(path)).headers["X-Mirror-Cache"] == "hit"
     metadata = group.secondary_app[SERVICES].blobs.metadata
     gate = Gate()
-    monkeypatch.setattr(metadata, "is_linked", gate.wrap(metadata.is_linked))
+    monkeypatch.setattr(metadata.links, "contains", gate.wrap(metadata.links.contains))
     pending = asyncio.ensure_future(group.secondary.request(method, path, headers=headers))
     await asyncio.wait_for(gate.reached.wait(), BOUND)  # the secondary found the blob; its link check waits
     await evict(group.primary[SERVICES], digest)  # the primary's eviction takes it

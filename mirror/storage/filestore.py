@@ -1,4 +1,4 @@
-"""The content store: verified bytes at paths derived only from validated digests.
+"""The content store in the data directory: verified bytes at paths derived only from validated digests.
 
 Layout: `<root>/content/sha256/<2 hex>/<64 hex>` for blobs and manifests alike,
 `<root>/tmp/` for writes in progress. A file reaches a content path only by an
@@ -12,19 +12,19 @@ import os
 import secrets
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import BinaryIO, Collection, Sequence
 
 from mirror.manifest import InvalidManifest, digest_of as manifest_digest
 from mirror.reference import SHA256_RE
+from mirror.storage.store import DigestMismatch
 
 
-class DigestMismatch(Exception):
-    """The bytes written do not hash to the digest (or size) they were fetched for."""
+class FileStore:
+    """A `ContentStore` (mirror.storage.store) in a directory."""
 
-
-class ContentStore:
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.location = str(root)
         self.content_dir = root / "content" / "sha256"
         self.tmp_dir = root / "tmp"
 
@@ -32,8 +32,7 @@ class ContentStore:
         """Create the layout and empty `tmp/`: whatever is there is from a dead process."""
         self.content_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        for leftover in self.tmp_dir.iterdir():
-            leftover.unlink(missing_ok=True)
+        self.remove_temp_files(())
 
     def writable(self) -> bool:
         """Whether a file can be created where fetches write (for readiness)."""
@@ -51,8 +50,13 @@ class ContentStore:
         hexpart = digest[7:]
         return self.content_dir / hexpart[:2] / hexpart
 
+    def open(self, digest: str) -> BinaryIO | None:
+        try:
+            return open(self.path(digest), "rb")
+        except FileNotFoundError:
+            return None
+
     def size(self, digest: str) -> int | None:
-        """Size of the stored content, or None when it is not stored."""
         try:
             return self.path(digest).stat().st_size
         except FileNotFoundError:
@@ -65,29 +69,27 @@ class ContentStore:
             return None
 
     def put(self, digest: str, data: bytes) -> None:
-        """Store a manifest that is already in memory, verified by the manifest digest rule
-        (a signed schema1's digest covers its payload, not its bytes); raises DigestMismatch."""
         try:
             actual = manifest_digest(data)
         except InvalidManifest as exc:
             raise DigestMismatch(f"{digest}: {exc}") from None
         if actual != digest:
             raise DigestMismatch(f"expected {digest}, manifest hashes to {actual}")
-        writer = BlobWriter(self, digest, len(data), checked=True)
+        writer = FileWriter(self, digest, len(data), checked=True)
         try:
             writer.write(data)
             writer.commit()
         finally:
             writer.close()
 
-    def writer(self, digest: str, expected_size: int | None = None) -> BlobWriter:
-        return BlobWriter(self, digest, expected_size)
+    def writer(self, digest: str, expected_size: int | None = None) -> FileWriter:
+        return FileWriter(self, digest, expected_size)
 
     def remove(self, digest: str) -> None:
         self.path(digest).unlink(missing_ok=True)
 
-    def iter_digests(self) -> list[str]:
-        """Every digest with a file at its content path (for start-up reconciliation)."""
+    def digests(self) -> list[str]:
+        """Every digest with a file at its content path."""
         found = []
         for sub in self.content_dir.iterdir():
             if not sub.is_dir():
@@ -98,25 +100,43 @@ class ContentStore:
                     found.append(digest)
         return found
 
+    def open_temp(self, temp_name: str) -> BinaryIO:
+        if not temp_name or Path(temp_name).name != temp_name or temp_name in (".", ".."):
+            raise OSError(f"unexpected temp file name {temp_name!r}")
+        return open(self.tmp_dir / temp_name, "rb")
+
+    def remove_temp_files(self, keep: Collection[str]) -> int:
+        removed = 0
+        for path in list(self.tmp_dir.iterdir()):
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers one writev may take
 
 
-class BlobWriter:
-    """Writes to `tmp/<random>`, hashing as it goes; `commit` verifies, fsyncs and renames."""
+class FileWriter:
+    """A `BlobWriter` (mirror.storage.store): writes to `tmp/<random>`, hashing as it goes;
+    `commit` verifies, fsyncs and renames."""
 
-    def __init__(self, store: ContentStore, digest: str, expected_size: int | None, checked: bool = False) -> None:
+    def __init__(self, store: FileStore, digest: str, expected_size: int | None, checked: bool = False) -> None:
         self.store = store
         self.digest = digest
         self.expected_size = expected_size
-        self.checked = checked  # the caller verified the digest (ContentStore.put)
+        self.checked = checked  # the caller verified the digest (FileStore.put)
         self.final_path = store.path(digest)
-        self.tmp_path = store.tmp_dir / f"{digest[7:19]}-{secrets.token_hex(8)}"
+        self.temp_name = f"{digest[7:19]}-{secrets.token_hex(8)}"
+        self.tmp_path = store.tmp_dir / self.temp_name
         self._fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         self._hash = hashlib.sha256()
         self.written = 0  # bytes seen (hashed)
         self.on_disk = 0  # bytes in the temp file
         self._done = False
+
+    def open_written(self) -> BinaryIO:
+        return open(self.tmp_path, "rb")
 
     def write(self, data: bytes | memoryview) -> None:
         """Append and hash (blocking: large chunks go through a worker thread)."""
@@ -124,16 +144,12 @@ class BlobWriter:
         self.append([data])
 
     def hash(self, parts: Sequence[bytes | memoryview]) -> None:
-        """Feed bytes to the digest check; streams do this beside `append`, in another thread."""
         for part in parts:
             self._hash.update(part)
             self.written += len(part)
 
     def append(self, parts: Sequence[bytes | memoryview]) -> None:
-        """Add bytes to the temp file, several parts per system call and never copied together.
-
-        On an OSError (a full disk) `on_disk` says how far it got.
-        """
+        """Add bytes to the temp file, several parts per system call and never copied together."""
         pending = [memoryview(p) for p in parts if len(p)]
         while pending:
             n = os.writev(self._fd, pending[:_IOV_MAX])
@@ -144,7 +160,6 @@ class BlobWriter:
                 pending[0] = pending[0][n:]
 
     def verify(self) -> None:
-        """Raise DigestMismatch unless every byte seen hashes to the digest, at the expected size."""
         if self.expected_size is not None and self.written != self.expected_size:
             raise DigestMismatch(f"{self.digest}: expected {self.expected_size} bytes, got {self.written}")
         actual = "sha256:" + self._hash.hexdigest()
@@ -152,7 +167,7 @@ class BlobWriter:
             raise DigestMismatch(f"expected {self.digest}, content hashes to {actual}")
 
     def commit(self) -> None:
-        """Verify size and digest, fsync, then atomically publish at the content path."""
+        """Verify size and digest, fsync, then atomically rename to the content path."""
         self.verify()
         if self.on_disk != self.written:
             raise DigestMismatch(f"{self.digest}: {self.written} bytes checked but {self.on_disk} written")
@@ -167,7 +182,6 @@ class BlobWriter:
         self._done = True
 
     def close(self) -> None:
-        """Release the file; an uncommitted temp file is deleted."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
