@@ -234,9 +234,9 @@ class TokenServer:
 
     # --- running in a thread --------------------------------------------------------------------
 
-    def start(self, port: int = 0) -> str:
-        """Serve on 127.0.0.1 from its own thread (see ThreadedServer); return the base URL."""
-        self.url = self._server.start(self.make_app(), port, name="token-server")
+    def start(self, port: int = 0, host: str = "127.0.0.1") -> str:
+        """Serve on `host` from its own thread (see ThreadedServer); return the base URL."""
+        self.url = self._server.start(self.make_app(), port, name="token-server", host=host)
         return self.url
 
     def stop(self) -> None:
