@@ -220,13 +220,14 @@ def _over_tcp(url: str, op: str, arguments: dict[str, Any], token: str) -> dict[
                          {"Authorization": f"Bearer {token}"} if token else {})
     except _Refused as exc:
         if exc.status == 401:
-            raise CommandError(f"{url} refused the admin token ({exc}): give the mirror's server.admin_token in "
-                               "--config, MIRROR_SERVER_ADMIN_TOKEN or --admin-token-file") from None
+            raise CommandError(f"{url.rstrip('/')}: the admin token is missing or wrong; give the mirror's "
+                               "server.admin_token (in --config, MIRROR_SERVER_ADMIN_TOKEN or --admin-token-file)"
+                               ) from None
         if exc.status == 403:
-            raise CommandError(f"{url} refused: {exc}") from None
+            raise CommandError(f"{url.rstrip('/')} refused: {exc}") from None
         raise CommandError(str(exc)) from None
     except (OSError, http.client.HTTPException) as exc:
-        raise CommandError(f"{url} does not answer ({exc})") from None
+        raise CommandError(f"{url.rstrip('/')} does not answer ({exc})") from None
     finally:
         connection.close()
 
