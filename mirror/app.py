@@ -167,9 +167,10 @@ def make_app(config: Config, clock: Callable[[], float] = time.time, role: Worke
             running.push_async_callback(parts.close)
             background = [asyncio.get_running_loop().create_task(_flush(parts.metadata))]
             running.push_async_callback(_cancel, background)
-            if listening is not None:
+            if not secondary:
                 await reconcile(parts.store, parts.metadata)
                 background.append(asyncio.get_running_loop().create_task(parts.evictor.run()))
+            if listening is not None:  # answered from now on; a command that came sooner waited in its queue
                 admin_runner = await adminapi.serve_socket(parts.admin, listening, config.server.shutdown_timeout)
                 running.push_async_callback(admin_runner.cleanup)
             services.ready = True

@@ -18,7 +18,7 @@ from mirror.adminapi import ADMIN
 from mirror.adminsocket import AdminSocketError, path_in
 from mirror.app import make_app
 from mirror.cache.admin import AdminError, perform
-from mirror.config import Config
+from mirror.config import Config, ConfigError, load
 from mirror.workers.role import WorkerRole
 from tests.conftest import FakeClock, Mirror, mirror_config
 from tests.fakes.registry import FakeRegistry
@@ -149,11 +149,13 @@ async def test_a_stale_socket_is_replaced_and_the_socket_goes_at_shutdown(
     path = data_dir / "admin.sock"
     with socket.socket(socket.AF_UNIX) as crashed:  # what a mirror killed with -9 leaves behind
         crashed.bind(str(path))
-    stale = os.stat(path).st_ino
+    path.chmod(0o777)
+    with pytest.raises(aiohttp.ClientConnectorError):  # no one listens on it
+        await over_socket(path, "GET", "/admin/stats")
     runner = web.AppRunner(make_app(mirror_config(fake_registry.url, data_dir)))
     await runner.setup()
-    try:
-        assert os.stat(path).st_ino != stale and stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    try:  # (inode numbers are reused: the mode and a listener tell the new socket from the old)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
         assert (await over_socket(path, "GET", "/admin/stats"))[0] == 200
     finally:
         await runner.cleanup()
@@ -221,3 +223,10 @@ async def test_the_dispatch_refuses_bad_arguments(mirror: Mirror, op: str, argum
                                                   message: str) -> None:
     with pytest.raises(AdminError, match=message):
         await perform(mirror.app[ADMIN], op, arguments)
+
+
+@pytest.mark.parametrize("token", ["two words", "tab\there", "naïve", "line\nbreak"])
+def test_an_admin_token_that_cannot_travel_in_a_header_is_refused(token: str) -> None:
+    with pytest.raises(ConfigError, match="server.admin_token: expected printable ASCII without spaces"):
+        load(env={"MIRROR_SERVER_ADMIN_TOKEN": token})
+    assert load(env={"MIRROR_SERVER_ADMIN_TOKEN": "Zm9v-YmFy_0123~!"}).server.admin_token == "Zm9v-YmFy_0123~!"
