@@ -67,7 +67,7 @@ class Parts:
     link: PrimaryLink | None  # a secondary worker's way to the primary
 
     async def open(self) -> None:
-        """Open the database (SchemaTooNew if a newer mirror wrote it); the data directory must exist."""
+        """Open the database (SchemaTooNew if a newer mirror wrote it)."""
         await self.metadata.open()
 
     async def close(self) -> None:
