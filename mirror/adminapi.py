@@ -1,88 +1,115 @@
 """`/admin/`: cache maintenance for the command line, against a running mirror.
 
-Callers on loopback are trusted; anyone else needs `Authorization: Bearer
-<server.admin_token>`, and with no token configured the API is loopback-only.
+`GET /admin/stats`, and `POST /admin/{pin,unpin,purge,gc}` with a JSON object of
+arguments (see mirror.cache.admin.perform); each answers a JSON object, or an OCI
+error body. Two ways in:
+
+- the admin socket (`<data_dir>/admin.sock`, see mirror.adminsocket) serves `/admin/`
+  and nothing else, to whoever can open it: its mode (0600) is the check;
+- over TCP, the same paths answer only `Authorization: Bearer <server.admin_token>`,
+  and with no token configured they answer 403, naming the socket.
+
+A client's address grants nothing: behind a same-host reverse proxy or sidecar,
+every client comes from loopback.
 """
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
+import logging
+import socket
+from pathlib import Path
+from typing import Callable
 
 from aiohttp import web
 
-from mirror.cache.admin import AdminError, CacheAdmin
-from mirror.config import parse_duration
+from mirror.cache.admin import OPERATIONS, AdminError, CacheAdmin, perform
 from mirror.errors import NeedsPrimary, RegistryError
-from mirror.requestinfo import client_address
+from mirror.server import MirrorRunner, error_middleware
+
+log = logging.getLogger("mirror.admin")
 
 ADMIN = web.AppKey("admin", CacheAdmin)
-ADMIN_TOKEN = web.AppKey("admin_token", str)
+
+Authorize = Callable[[web.Request], None]  # raises RegistryError to refuse
 
 
-def _authorize(request: web.Request) -> None:
-    remote = client_address(request) or ""
-    try:
-        if ipaddress.ip_address(remote).is_loopback:
-            return
-    except ValueError:
-        pass
-    token = request.app[ADMIN_TOKEN]
-    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-    if not token:
-        raise RegistryError("DENIED", 403, "the admin API answers only on loopback (set server.admin_token to open it)")
-    if not hmac.compare_digest(given.encode(), token.encode()):
-        raise RegistryError("UNAUTHORIZED", 401, "admin API: missing or wrong bearer token")
-
-
-async def _body(request: web.Request) -> dict[str, object]:
-    if not request.can_read_body:
-        return {}
-    try:
-        body = json.loads(await request.read())
-    except ValueError:
-        raise RegistryError("UNSUPPORTED", 400, "admin API: the body must be a JSON object") from None
-    if not isinstance(body, dict):
-        raise RegistryError("UNSUPPORTED", 400, "admin API: the body must be a JSON object")
-    return body
-
-
-async def _run(request: web.Request, op: str) -> web.Response:
-    _authorize(request)
-    admin = request.app[ADMIN]
-    body = await _body(request)
-    try:
-        if op == "stats":
-            result = await admin.stats()
-        elif op == "pin":
-            result = await admin.pin(str(body.get("ref", "")))
-        elif op == "unpin":
-            result = await admin.unpin(str(body.get("ref", "")))
-        elif op == "purge":
-            older = body.get("older_than")
-            result = await admin.purge(
-                image=body.get("ref"), repo=body.get("repo"),  # type: ignore[arg-type]
-                older_than=parse_duration(older) if older is not None else None,
-            )
-        else:
-            result = await admin.gc()
-    except (AdminError, ValueError) as exc:
-        raise RegistryError("UNSUPPORTED", 400, str(exc)) from None
-    return web.json_response(result)
-
-
-def setup(app: web.Application, admin: CacheAdmin, token: str) -> None:
+def setup(app: web.Application, admin: CacheAdmin, token: str, socket_path: Path) -> None:
+    """Serve `/admin/` on the mirror's TCP application to callers that send `token`."""
     app[ADMIN] = admin
-    app[ADMIN_TOKEN] = token
-    app.router.add_get("/admin/stats", lambda r: _run(r, "stats"))
-    for op in ("pin", "unpin", "purge", "gc"):
-        app.router.add_post(f"/admin/{op}", lambda r, op=op: _run(r, op))
+    _add_routes(app, _bearer(token, socket_path))
 
 
 def setup_forwarding(app: web.Application) -> None:
-    """In a secondary worker, every admin request goes to the primary, which runs eviction and fetches."""
+    """In a secondary worker, every admin request goes to the primary, which runs eviction and fetches.
+
+    The request goes whole, `Authorization` included: the primary checks the token.
+    """
 
     async def to_primary(request: web.Request) -> web.StreamResponse:
         raise NeedsPrimary()
 
     app.router.add_route("*", "/admin/{op:.*}", to_primary)
+
+
+async def serve_socket(admin: CacheAdmin, sock: socket.socket, shutdown_timeout: float) -> web.AppRunner:
+    """Serve `/admin/` alone on the listening unix socket `sock`; stop it with the runner's `cleanup`."""
+    app = web.Application(middlewares=[error_middleware])
+    app[ADMIN] = admin
+    _add_routes(app, lambda request: None)  # who may open the socket was decided by its mode
+    runner = MirrorRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    await web.SockSite(runner, sock).start()
+    return runner
+
+
+def _bearer(token: str, socket_path: Path) -> Authorize:
+    def authorize(request: web.Request) -> None:
+        if not token:
+            raise RegistryError(
+                "DENIED", 403,
+                f"the admin API is served on the unix socket {socket_path} (`mirror cache …` on the mirror's host, "
+                "as its user, uses it); set server.admin_token to open it over TCP as well")
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode("utf-8", "surrogateescape"), token.encode()):
+            raise RegistryError("UNAUTHORIZED", 401, "admin API: missing or wrong bearer token (server.admin_token)",
+                                headers={"WWW-Authenticate": 'Bearer realm="mirror admin"'})
+
+    return authorize
+
+
+def _add_routes(app: web.Application, authorize: Authorize) -> None:
+    for op, operation in OPERATIONS.items():
+        async def handle(request: web.Request, op: str = op) -> web.Response:
+            authorize(request)
+            return await _run(request, op)
+
+        if operation.changes:
+            app.router.add_post(f"/admin/{op}", handle)
+        else:
+            app.router.add_get(f"/admin/{op}", handle)
+
+
+async def _run(request: web.Request, op: str) -> web.Response:
+    changes = OPERATIONS[op].changes
+    arguments = await _arguments(request) if changes else {}
+    try:
+        result = await perform(request.app[ADMIN], op, arguments)
+    except AdminError as exc:
+        raise RegistryError("UNSUPPORTED", 400, str(exc)) from None
+    if changes:
+        log.info("admin %s %s: %s", op, json.dumps(arguments), json.dumps(result))
+    return web.json_response(result)
+
+
+async def _arguments(request: web.Request) -> dict[str, object]:
+    if not request.can_read_body:
+        return {}
+    try:
+        body = json.loads(await request.read())
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise RegistryError("UNSUPPORTED", 400, "admin API: the body must be a JSON object")
+    return body

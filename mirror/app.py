@@ -1,15 +1,22 @@
-"""Builds and wires every part of the mirror; the only place that constructs things."""
+"""Builds and wires every part of the mirror; the only place that constructs things.
+
+`build` constructs the parts (for the server, and for `mirror cache …` on a stopped
+mirror's data directory); `make_app` wires them into the aiohttp application and
+opens, starts and stops them with it.
+"""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
 from aiohttp import web
 
-from mirror import adminapi, routes
+from mirror import adminapi, adminsocket, routes
 from mirror.cache.admin import CacheAdmin
 from mirror.cache.eviction import Evictor, cap_bytes
 from mirror.config import Config
@@ -29,6 +36,7 @@ from mirror.storage.filestore import FileStore
 from mirror.storage.lock import DataDirLock
 from mirror.storage.metadata import Metadata
 from mirror.storage.reconcile import reconcile
+from mirror.storage.store import ContentStore
 from mirror.storage.secret import data_dir_secret, derive
 from mirror.upstream.authorizer import TokenCache
 from mirror.upstream.credentials import Fingerprinter
@@ -42,12 +50,45 @@ log = logging.getLogger("mirror")
 FLUSH_SECONDS = 5.0
 
 
-def make_app(config: Config, clock: Callable[[], float] = time.time, role: WorkerRole | None = None) -> web.Application:
-    """The whole mirror in one process (`role` None), or one worker of several.
+@dataclass
+class Parts:
+    """Everything a mirror is made of, constructed by `build` and nowhere else."""
 
-    A secondary worker (role index > 0) serves what the cache holds and hands the
-    rest to the primary; the primary is a whole mirror, minus the data directory
-    lock its supervisor holds for the group.
+    data_dir: Path
+    metrics: Metrics
+    store: ContentStore
+    metadata: Metadata
+    upstreams: dict[str, Upstream]
+    inflight: Inflight
+    access: AccessPolicy
+    services: routes.Services
+    evictor: Evictor
+    admin: CacheAdmin
+    link: PrimaryLink | None  # a secondary worker's way to the primary
+
+    async def open(self) -> None:
+        """Open the database (SchemaTooNew if a newer mirror wrote it)."""
+        await self.metadata.open()
+
+    async def close(self) -> None:
+        """Stop background revalidations and fetches, then close connections and the database."""
+        for revalidations in (self.services.manifests.background, self.access.background,
+                              self.services.tags.background, self.services.referrers.background):
+            await revalidations.close()
+        await self.inflight.close()
+        for upstream in self.upstreams.values():
+            await upstream.close()
+        if self.link is not None:
+            await self.link.close()
+        await self.metadata.close()
+
+
+def build(config: Config, clock: Callable[[], float] = time.time, role: WorkerRole | None = None) -> Parts:
+    """The parts of the mirror `config` describes: of the whole mirror (`role` None), or of one worker.
+
+    Nothing is opened or started (see `Parts.open` and `make_app`), but the data directory
+    is made, with its secret (SecretError if that cannot be used). A secondary worker's
+    parts serve what the cache holds and hand the rest to the primary.
     """
     data_dir = Path(config.server.data_dir)
     secondary = role is not None and not role.primary
@@ -77,56 +118,67 @@ def make_app(config: Config, clock: Callable[[], float] = time.time, role: Worke
         metrics=metrics,
         public_url=config.server.public_url,
     )
-
-    lock = DataDirLock(data_dir)
     cap = lambda: cap_bytes(config.cache.max_size, data_dir)  # noqa: E731 (a share of the disk is read anew)
     evictor = Evictor(store, metadata, metrics, cap, services.manifests.forget, inflight.bytes_in_flight)
     metrics.watch_cache(metadata.stats.read_usage, cap)
-    admin = CacheAdmin(store, metadata, services.router, evictor, cap, clock, inflight.temp_files,
+    admin = CacheAdmin(store, metadata, router, evictor, cap, clock, inflight.temp_files,
                        lambda: hit_ratio(metrics))
     link = PrimaryLink(role.primary_socket, role.index, store) if secondary and role else None
+    return Parts(data_dir, metrics, store, metadata, upstreams, inflight, access, services, evictor, admin, link)
+
+
+def make_app(config: Config, clock: Callable[[], float] = time.time, role: WorkerRole | None = None) -> web.Application:
+    """The whole mirror in one process (`role` None), or one worker of several.
+
+    A secondary worker (role index > 0) serves what the cache holds and hands the
+    rest to the primary; the primary is a whole mirror, minus the data directory
+    lock its supervisor holds for the group. The mirror, or the primary, serves
+    `/admin/` on its admin socket while it runs (see mirror.adminapi); starting
+    raises AdminSocketError if that socket's path is taken by something else.
+    """
+    parts = build(config, clock, role)
+    data_dir, services = parts.data_dir, parts.services
+    secondary = parts.link is not None
+    lock = DataDirLock(data_dir)
+    admin_socket = adminsocket.AdminSocket(adminsocket.path_in(data_dir))
     middlewares = [metrics_middleware, error_middleware, routes.challenge_middleware]
-    if link is not None:
-        middlewares.insert(1, forward_middleware(link))
+    if parts.link is not None:
+        middlewares.insert(1, forward_middleware(parts.link))
     app = web.Application(middlewares=middlewares)
-    app[METRICS] = metrics
+    app[METRICS] = parts.metrics
     app[routes.SERVICES] = services
     routes.setup(app)
     if secondary:
         adminapi.setup_forwarding(app)  # maintenance is the primary's: it runs eviction and fetches
     else:
-        adminapi.setup(app, admin, config.server.admin_token)
+        adminapi.setup(app, parts.admin, config.server.admin_token, admin_socket.path)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        if role is None:
-            lock.acquire()  # a group's supervisor holds it for all its workers
-        if not secondary:  # the one writer: empties tmp/ and reconciles what a crash left
-            store.prepare()
-        await metadata.open()
-        background = [asyncio.get_running_loop().create_task(_flush(metadata))]
-        if not secondary:
-            await reconcile(store, metadata)
-            background.append(asyncio.get_running_loop().create_task(evictor.run()))
-        services.ready = True
-        log.info("mirror %sready: data in %s (%.1f MiB cached, cap %.1f MiB), upstreams %s",
-                 f"worker {role.index} " if role else "", data_dir.resolve(),
-                 metadata.content.size / 2**20, evictor.cap() / 2**20, ", ".join(upstreams))
-        yield
-        services.ready = False
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
-        for revalidations in (services.manifests.background, access.background, services.tags.background,
-                              services.referrers.background):
-            await revalidations.close()
-        await inflight.close()
-        for upstream in upstreams.values():
-            await upstream.close()
-        if link is not None:
-            await link.close()
-        await metadata.close()
-        if role is None:
-            lock.release()
+        async with contextlib.AsyncExitStack() as running:  # undone in reverse, also when starting fails
+            if role is None:  # a group's supervisor holds it for all its workers
+                lock.acquire()
+                running.callback(lock.release)
+            listening = None
+            if not secondary:  # the one writer: empties tmp/ and reconciles what a crash left
+                listening = admin_socket.open()  # first: a path taken by anything else stops the start
+                running.callback(admin_socket.close)
+                parts.store.prepare()
+            await parts.open()
+            running.push_async_callback(parts.close)
+            background = [asyncio.get_running_loop().create_task(_flush(parts.metadata))]
+            running.push_async_callback(_cancel, background)
+            if not secondary:
+                await reconcile(parts.store, parts.metadata)
+                background.append(asyncio.get_running_loop().create_task(parts.evictor.run()))
+            if listening is not None:  # answered from now on; a command that came sooner waited in its queue
+                admin_runner = await adminapi.serve_socket(parts.admin, listening, config.server.shutdown_timeout)
+                running.push_async_callback(admin_runner.cleanup)
+            services.ready = True
+            log.info("mirror %sready: data in %s (%.1f MiB cached, cap %.1f MiB), upstreams %s",
+                     f"worker {role.index} " if role else "", data_dir.resolve(),
+                     parts.metadata.content.size / 2**20, parts.evictor.cap() / 2**20, ", ".join(parts.upstreams))
+            yield
+            services.ready = False
 
     async def stop_being_ready(app: web.Application) -> None:
         services.ready = False
@@ -134,6 +186,12 @@ def make_app(config: Config, clock: Callable[[], float] = time.time, role: Worke
     app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(stop_being_ready)
     return app
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def hit_ratio(metrics: Metrics) -> float | None:

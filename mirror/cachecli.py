@@ -1,38 +1,38 @@
 """`mirror cache …` and `mirror warm …`: maintenance against a running mirror or a stopped one's data.
 
-With a server running on the data directory (it holds the directory's lock), the
-commands go through its `/admin/` API; otherwise they open the data directory
-themselves, holding the lock so no server starts meanwhile.
+`mirror cache` finds its own way in. With a mirror running on the data directory
+(it holds the directory's lock), the command goes over that mirror's admin socket,
+`<data_dir>/admin.sock`, which only the mirror's user (and root) can open; with
+none running, it opens the data directory itself, holding the lock so no server
+starts meanwhile. `--url` sends it over TCP instead, to a mirror on this host or
+another, with the bearer token `server.admin_token` (or `--admin-token-file`).
+`mirror warm` pulls through the registry API, over TCP.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+from mirror import adminsocket
 from mirror import config as configuration
-from mirror.cache.admin import AdminError, CacheAdmin
-from mirror.cache.eviction import Evictor, cap_bytes
+from mirror.app import build
+from mirror.cache.admin import OPERATIONS, AdminError, perform
 from mirror.cache.warm import warm
-from mirror.metrics import Metrics
-from mirror.routing import Router
-from mirror.storage.filestore import FileStore
 from mirror.storage.lock import DataDirBusy, DataDirLock
-from mirror.storage.metadata import Metadata, SchemaTooNew
-from mirror.storage.secret import SecretError, data_dir_secret, derive
-from mirror.upstream.authorizer import TokenCache
-from mirror.upstream.credentials import Fingerprinter, basic_authorization
-from mirror.upstream.client import Upstream
-from mirror.upstream.ratelimit import RateLimits
+from mirror.storage.metadata import SchemaTooNew
+from mirror.storage.secret import SecretError
+from mirror.upstream.credentials import basic_authorization
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+TIMEOUT = 600.0  # seconds for one admin request: a purge or gc of a large cache takes a while
 
 
 class CommandError(Exception):
@@ -40,26 +40,32 @@ class CommandError(Exception):
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    def common(p: argparse.ArgumentParser) -> None:
+    def common(p: argparse.ArgumentParser, url: str) -> None:
         p.add_argument("--config", help="the mirror's TOML configuration file")
         p.add_argument("--data-dir", help="the data directory (default: from the configuration)")
-        p.add_argument("--url", help="a running mirror's URL (default: from server.listen)")
+        p.add_argument("--url", help=url)
+
+    def admin(p: argparse.ArgumentParser) -> None:
+        common(p, "go over TCP to the mirror at this URL, e.g. https://mirror.internal:5000, sending the "
+                  "admin token (default: the admin socket of the mirror running on the data directory)")
+        p.add_argument("--admin-token-file", metavar="FILE",
+                       help="with --url: read the admin token from FILE (default: server.admin_token)")
 
     cache = sub.add_parser("cache", help="inspect and maintain the cache").add_subparsers(dest="cache_command", required=True)
     stats = cache.add_parser("stats", help="size, cap, objects, hit ratio, top repositories")
     stats.add_argument("--json", action="store_true", help="print JSON")
-    common(stats)
+    admin(stats)
     for name, text in (("pin", "never evict an image (a tag or digest; for an index, every platform)"),
                        ("unpin", "let a pinned image be evicted again")):
         p = cache.add_parser(name, help=text)
         p.add_argument("ref", help="e.g. alpine:3, ghcr.io/org/img:tag, quay.io/x/y@sha256:…")
-        common(p)
+        admin(p)
     purge = cache.add_parser("purge", help="remove an image, a repository's content, or what was not used lately")
     purge.add_argument("ref", nargs="?", help="an image reference")
     purge.add_argument("--repo", help="a repository, e.g. library/alpine or ghcr.io/org/img")
-    purge.add_argument("--older-than", help="not used for this long, e.g. 30d or 12h")
-    common(purge)
-    common(cache.add_parser("gc", help="reconcile metadata with files; remove orphans and stale temp files"))
+    purge.add_argument("--older-than", type=_duration, help="not used for this long, e.g. 30d or 12h")
+    admin(purge)
+    admin(cache.add_parser("gc", help="reconcile metadata with files; remove orphans and stale temp files"))
 
     w = sub.add_parser("warm", help="pre-pull images through a running mirror, with progress")
     w.add_argument("refs", nargs="*", help="image references, e.g. alpine:3 ghcr.io/org/img:tag")
@@ -67,7 +73,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     w.add_argument("--platform", action="append", default=[], help="os/arch[/variant] (repeatable; default: all)")
     w.add_argument("--jobs", type=int, default=4, help="images pulled at once (default 4)")
     w.add_argument("--user", help="USER:PASSWORD to pull with (default: anonymous)")
-    common(w)
+    common(w, "the running mirror's URL (default: from server.listen)")
+
+
+def _duration(text: str) -> str:
+    try:
+        configuration.parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,90 +104,145 @@ def _url(args: argparse.Namespace, cfg: configuration.Config) -> str:
         return args.url.rstrip("/")
     host, port = cfg.host_port
     host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    scheme = "https" if getattr(cfg.server, "tls_cert", "") else "http"
+    scheme = "https" if cfg.server.tls_cert else "http"
     return f"{scheme}://{host}:{port}"
 
 
 def _cache(args: argparse.Namespace, cfg: configuration.Config) -> int:
-    op, body = args.cache_command, {}
-    if op in ("pin", "unpin"):
-        body = {"ref": args.ref}
-    elif op == "purge":
-        chosen = [k for k, v in (("ref", args.ref), ("repo", args.repo), ("older_than", args.older_than)) if v]
-        if len(chosen) != 1:
-            raise CommandError("cache purge takes exactly one of: REF, --repo NAME, --older-than DURATION")
-        if args.older_than:
-            try:
-                configuration.parse_duration(args.older_than)
-            except ValueError as exc:
-                raise CommandError(f"--older-than: {exc}") from None
-        body = {chosen[0]: getattr(args, chosen[0])}
-    data_dir = Path(cfg.server.data_dir)
-    lock = DataDirLock(data_dir)
-    if not (data_dir / "index.db").is_file():
-        raise CommandError(f"{data_dir} is not a mirror data directory (no index.db): check --data-dir or --config")
-    try:
-        lock.acquire()
-    except DataDirBusy:
-        result = _remote(_url(args, cfg), op, body, getattr(cfg.server, "admin_token", ""))
+    op = args.cache_command
+    arguments = {key: value for key in ("ref", "repo", "older_than") if (value := getattr(args, key, None)) is not None}
+    if args.admin_token_file is not None and not args.url:
+        raise CommandError("--admin-token-file goes with --url (the admin socket needs no token)")
+    if args.url:
+        result = _over_tcp(args.url, op, arguments, _token(args, cfg))
     else:
+        data_dir = Path(cfg.server.data_dir)
+        if not (data_dir / "index.db").is_file():
+            raise CommandError(f"{data_dir} is not a mirror data directory (no index.db): check --data-dir or --config")
+        lock = DataDirLock(data_dir)
         try:
-            result = asyncio.run(_local(cfg, data_dir, op, body))
-        finally:
-            lock.release()
+            lock.acquire()
+        except DataDirBusy:
+            result = _over_socket(adminsocket.path_in(data_dir), op, arguments)
+        except PermissionError:
+            raise CommandError(f"permission denied on {lock.path}: run this command as the user the mirror "
+                               "runs as (or as root)") from None
+        else:
+            try:
+                result = asyncio.run(_local(cfg, op, arguments))
+            finally:
+                lock.release()
     _print(op, result, getattr(args, "json", False))
     return 0
 
 
-def _remote(url: str, op: str, body: dict[str, Any], token: str) -> dict[str, Any]:
-    """Ask the running mirror that owns the data directory."""
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    data = None if op == "stats" else json.dumps(body).encode()
-    req = urllib.request.Request(f"{url}/admin/{op}", data=data, headers=headers, method="GET" if op == "stats" else "POST")
+def _token(args: argparse.Namespace, cfg: configuration.Config) -> str:
+    if args.admin_token_file is None:
+        return cfg.server.admin_token
     try:
-        with urllib.request.urlopen(req, timeout=600) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        try:
-            message = json.loads(err.read())["errors"][0]["message"]
-        except (ValueError, KeyError, IndexError):
-            message = err.reason
-        raise CommandError(message) from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise CommandError(f"a mirror holds the data directory, but {url} does not answer ({exc}); use --url") from None
+        return Path(args.admin_token_file).read_text().strip()
+    except OSError as exc:
+        raise CommandError(f"--admin-token-file: cannot read {args.admin_token_file}: {exc.strerror}") from None
 
 
-async def _local(cfg: configuration.Config, data_dir: Path, op: str, body: dict[str, Any]) -> dict[str, Any]:
-    """Carry out the operation on the data directory of a stopped mirror."""
-    metrics = Metrics()
-    store = FileStore(data_dir)
-    metadata = Metadata(data_dir / "index.db")
+class _Refused(Exception):
+    """The mirror answered the admin request with an error."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _SocketConnection(http.client.HTTPConnection):
+    """HTTP over the admin socket."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__("localhost", timeout=TIMEOUT)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        self.sock = adminsocket.connect(self.socket_path, TIMEOUT)
+
+
+def _exchange(connection: http.client.HTTPConnection, prefix: str, op: str, arguments: dict[str, Any],
+              headers: dict[str, str]) -> dict[str, Any]:
+    """One admin request; its JSON answer, or _Refused with the mirror's message."""
+    changes = OPERATIONS[op].changes
+    connection.request("POST" if changes else "GET", f"{prefix}/admin/{op}",
+                       body=json.dumps(arguments).encode() if changes else None,
+                       headers={"Content-Type": "application/json", **headers})
+    response = connection.getresponse()
+    body = response.read()
     try:
-        await metadata.open()
+        answer = json.loads(body)
+    except ValueError:
+        answer = None
+    if response.status == 200 and isinstance(answer, dict):
+        return answer
+    try:
+        message = answer["errors"][0]["message"]  # type: ignore[index]
+    except (TypeError, KeyError, IndexError):
+        message = f"HTTP {response.status} {response.reason}"
+    raise _Refused(response.status, str(message))
+
+
+def _over_socket(path: Path, op: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    """Ask the mirror that holds the data directory, over its admin socket."""
+    connection = _SocketConnection(path)
+    try:
+        return _exchange(connection, "", op, arguments, {})
+    except _Refused as exc:
+        raise CommandError(str(exc)) from None
+    except FileNotFoundError:
+        raise CommandError(f"a mirror holds {path.parent}, but its admin socket {path} is missing (is the mirror "
+                           "still starting, or a version without one?); retry, or go over TCP with --url") from None
+    except PermissionError:
+        raise CommandError(f"permission denied on the admin socket {path}: run this command as the user the "
+                           "mirror runs as (or as root)") from None
+    except ConnectionRefusedError:
+        raise CommandError(f"a mirror holds {path.parent}, but nothing answers on its admin socket {path} "
+                           "(is it restarting?); retry shortly") from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise CommandError(f"the admin socket {path} failed: {exc}") from None
+    finally:
+        connection.close()
+
+
+def _over_tcp(url: str, op: str, arguments: dict[str, Any], token: str) -> dict[str, Any]:
+    """Ask the mirror at `url`, sending the admin token."""
+    where = urlsplit(url)
+    if where.scheme not in ("http", "https") or not where.hostname:
+        raise CommandError(f"--url: expected http://HOST:PORT or https://HOST:PORT, got {url!r}")
+    kind = http.client.HTTPSConnection if where.scheme == "https" else http.client.HTTPConnection
+    connection = kind(where.netloc, timeout=TIMEOUT)
+    try:
+        return _exchange(connection, where.path.rstrip("/"), op, arguments,
+                         {"Authorization": f"Bearer {token}"} if token else {})
+    except _Refused as exc:
+        if exc.status == 401:
+            raise CommandError(f"{url.rstrip('/')}: the admin token is missing or wrong; give the mirror's "
+                               "server.admin_token (in --config, MIRROR_SERVER_ADMIN_TOKEN or --admin-token-file)"
+                               ) from None
+        if exc.status == 403:
+            raise CommandError(f"{url.rstrip('/')} refused: {exc}") from None
+        raise CommandError(str(exc)) from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise CommandError(f"{url.rstrip('/')} does not answer ({exc})") from None
+    finally:
+        connection.close()
+
+
+async def _local(cfg: configuration.Config, op: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    """Carry out the operation on the data directory of a stopped mirror (the caller holds its lock)."""
+    parts = build(cfg)
+    try:
+        await parts.open()
     except SchemaTooNew as exc:
         raise CommandError(str(exc)) from None
-    tokens, limits = TokenCache(), RateLimits(metrics)
-    fingerprints = Fingerprinter(derive(data_dir_secret(data_dir), "fingerprint"))
-    upstreams = {n: Upstream(c, tokens, limits, metrics, fingerprints) for n, c in cfg.upstreams.items()}
-    cap = lambda: cap_bytes(cfg.cache.max_size, data_dir)  # noqa: E731
-    admin = CacheAdmin(store, metadata, Router(upstreams, cfg.server.default_upstream),
-                       Evictor(store, metadata, metrics, cap), cap)
     try:
-        if op == "stats":
-            return await admin.stats()
-        if op == "pin":
-            return await admin.pin(body["ref"])
-        if op == "unpin":
-            return await admin.unpin(body["ref"])
-        if op == "purge":
-            older = body.get("older_than")
-            return await admin.purge(image=body.get("ref"), repo=body.get("repo"),
-                                     older_than=configuration.parse_duration(older) if older else None)
-        return await admin.gc()
+        return await perform(parts.admin, op, arguments)
     finally:
-        await metadata.close()
+        await parts.close()
 
 
 def _print(op: str, result: dict[str, Any], as_json: bool) -> None:

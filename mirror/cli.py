@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from mirror import cachecli, clientconfig, server
+from mirror import adminsocket, cachecli, clientconfig, server
 from mirror import config as configuration
 from mirror.config import EXIT_CONFIG
 from mirror.observe import ACCESS_LOGGER, AccessLogger, setup_logging
@@ -69,6 +69,9 @@ def _check_config(path: str) -> int:
     print(f"{path}: OK")
     print(f"  listen {cfg.server.listen} ({cfg.server.workers} worker{'s' if cfg.server.workers > 1 else ''}), "
           f"data in {cfg.server.data_dir}, default upstream {cfg.server.default_upstream}")
+    print(f"  admin API on the unix socket {adminsocket.path_in(cfg.server.data_dir)}"
+          + (", and over TCP with the bearer token server.admin_token" if cfg.server.admin_token
+             else " (not over TCP: server.admin_token is not set)"))
     for up in cfg.upstreams.values():
         realms = ", ".join([urlsplit(up.url).hostname or up.url, *up.token_realms])
         print(f"  upstream {up.name}: {up.url} (tag TTL {up.tag_ttl:g}s; credentials go to token realms on {realms})")
@@ -137,7 +140,7 @@ def _serve(path: str | None, listen: str | None, data_dir: str | None) -> int:
             access_log=logging.getLogger(ACCESS_LOGGER),
             shutdown_timeout=cfg.server.shutdown_timeout,
         ))
-    except (SchemaTooNew, DataDirBusy, SecretError) as exc:
+    except (SchemaTooNew, DataDirBusy, SecretError, adminsocket.AdminSocketError) as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except OSError as exc:

@@ -77,7 +77,7 @@ class ServerConfig:
     tls_cert: str = ""
     tls_key: str = ""
     public_url: str = ""
-    admin_token: str = ""  # lets /admin/ answer callers that are not on loopback
+    admin_token: str = ""  # opens /admin/ over TCP to callers that send it as a bearer token
     workers: int = field(default_factory=lambda: parse_workers("auto"))  # processes sharing the port
 
 
@@ -102,6 +102,7 @@ class Config:
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?", re.IGNORECASE)
+_TOKEN_RE = re.compile(r"[\x21-\x7e]+")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _LOG_FORMATS = ("plain", "json")
 
@@ -300,6 +301,8 @@ def _convert(key: str, value: Any) -> Any:
         _check_readable(value)
     if key == "public_url" and value != "":
         return _check_url(value)
+    if key == "admin_token" and value != "" and not (isinstance(value, str) and _TOKEN_RE.fullmatch(value)):
+        raise ValueError("expected printable ASCII without spaces (it travels in an Authorization header)")
     if not isinstance(value, (str, int, float, bool)):
         raise ValueError(f"expected a string or number, got {type(value).__name__}")
     return value

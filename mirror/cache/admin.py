@@ -2,16 +2,17 @@
 
 The same operations run inside a running mirror (behind `/admin/`) and directly
 on a stopped mirror's data directory (from the command line), so they never
-race a server over its database.
+race a server over its database. `perform` is the one way in for both.
 """
 from __future__ import annotations
 
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 from mirror.cache.eviction import Evictor, pinned_digests, plan_images
+from mirror.config import parse_duration
 from mirror.errors import RegistryError
 from mirror.reference import TAG_RE, parse_digest
 from mirror.routing import Router
@@ -155,3 +156,58 @@ class CacheAdmin:
         busy = self.busy_tmp()
         stale = self.store.remove_temp_files(busy)
         return {"dropped_rows": dropped, "adopted_files": adopted, "removed_temp_files": stale}
+
+
+@dataclass(frozen=True)
+class Operation:
+    arguments: tuple[str, ...]  # the keys its arguments may have
+    changes: bool  # False for a read: safe to repeat (over HTTP, a GET)
+
+
+OPERATIONS = {
+    "stats": Operation((), changes=False),
+    "pin": Operation(("ref",), changes=True),
+    "unpin": Operation(("ref",), changes=True),
+    "purge": Operation(("ref", "repo", "older_than"), changes=True),
+    "gc": Operation((), changes=True),
+}
+
+
+async def perform(admin: CacheAdmin, op: str, arguments: Mapping[str, object]) -> dict[str, object]:
+    """Carry out operation `op` of OPERATIONS with `arguments` (a JSON object's members).
+
+    `ref` and `repo` are strings (an image reference, a repository name); `older_than`
+    is a duration ("30d", "12h") or a number of seconds. Raises AdminError, changing
+    nothing, for an unknown operation or argument, a value of the wrong type, and
+    whatever the operation itself refuses.
+    """
+    operation = OPERATIONS.get(op)
+    if operation is None:
+        raise AdminError(f"unknown operation {op!r} (known: {', '.join(OPERATIONS)})")
+    unknown = sorted(set(arguments) - set(operation.arguments))
+    if unknown:
+        takes = ", ".join(operation.arguments) or "no arguments"
+        raise AdminError(f"{op} takes {takes}; not {', '.join(unknown)}")
+    names: dict[str, str] = {}  # ref and repo
+    for key in ("ref", "repo"):
+        if key in arguments:
+            value = arguments[key]
+            if not isinstance(value, str):
+                raise AdminError(f"{op}: {key} must be a string")
+            names[key] = value
+    if op == "stats":
+        return await admin.stats()
+    if op in ("pin", "unpin"):
+        ref = names.get("ref", "").strip()
+        if not ref:
+            raise AdminError(f"{op} needs an image reference (ref)")
+        return await (admin.pin(ref) if op == "pin" else admin.unpin(ref))
+    if op == "purge":
+        older_than = None
+        if "older_than" in arguments:
+            try:
+                older_than = parse_duration(arguments["older_than"])
+            except ValueError as exc:
+                raise AdminError(f"purge: older_than: {exc}") from None
+        return await admin.purge(image=names.get("ref"), repo=names.get("repo"), older_than=older_than)
+    return await admin.gc()

@@ -26,6 +26,7 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import multiprocess
 
+from mirror.adminsocket import AdminSocketError
 from mirror.app import make_app
 from mirror.config import EXIT_CONFIG, Config
 from mirror.observe import ACCESS_LOGGER, AccessLogger, setup_logging
@@ -262,7 +263,7 @@ def run_worker(config: Config, tls: ssl.SSLContext | None, role: WorkerRole, soc
     """Serve on `sockets` (and, for the primary, on its unix socket) until SIGTERM or SIGINT."""
     try:
         asyncio.run(_serve_worker(config, tls, role, sockets, ready_fd))
-    except SchemaTooNew as exc:
+    except (SchemaTooNew, AdminSocketError) as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except OSError as exc:

@@ -2,7 +2,8 @@
 
 The mirror runs as a subprocess in front of the real registry; the commands run
 as `python -m mirror …` subprocesses, against the running server (through its
-admin API) or against the data directory of a stopped one.
+admin socket, or over TCP with the admin token) or against the data directory of
+a stopped one.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Callable
@@ -115,6 +117,7 @@ def test_stats_pin_purge_and_gc_on_a_running_and_a_stopped_mirror(
     assert mirror_cmd(mirror_proc, "cache", "purge", f"{drop.repo}:v1").returncode == 0
     assert not (mirror_proc.data_dir / "content" / "sha256" / drop.digest[7:9] / drop.digest[7:]).exists()
     mirror_proc.stop()
+    assert not (mirror_proc.data_dir / "admin.sock").exists()
     # the same commands work on the data directory of a stopped mirror
     human = mirror_cmd(mirror_proc, "cache", "stats")
     assert human.returncode == 0 and "1 manifests" in human.stdout
@@ -171,6 +174,7 @@ def test_kill_9_during_20_fetches_then_gc(
     while time.monotonic() < deadline and len(list((mirror_proc.data_dir / "tmp").iterdir())) < 10:
         time.sleep(0.05)
     mirror_proc.kill()
+    assert (mirror_proc.data_dir / "admin.sock").is_socket()  # left behind, stale
     gc = mirror_cmd(mirror_proc, "cache", "gc")
     assert gc.returncode == 0, gc.stderr
     content = mirror_proc.data_dir / "content" / "sha256"
@@ -184,6 +188,28 @@ def test_kill_9_during_20_fetches_then_gc(
         assert skopeo_client.pull(mirror_proc.host, image.repo, "v1") == image.digest
         assert upstream.gets(image.repo) == gets
     _pull_all(mirror_proc, skopeo_client, images[5:])
+    stats = mirror_cmd(mirror_proc, "cache", "stats", "--json")  # the restarted mirror replaced the stale socket
+    assert stats.returncode == 0 and json.loads(stats.stdout)["objects"]["manifest"] == 20, stats.stderr
+
+
+def test_the_admin_api_answers_over_tcp_only_with_the_token(
+    mirror_factory: Callable[..., MirrorProcess], monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    monkeypatch.setenv("MIRROR_SERVER_ADMIN_TOKEN", "t0ken-for-tcp")  # the mirror's and the commands' setting
+    mirror = mirror_factory()
+    refused = urllib.request.Request(f"{mirror.url}/admin/stats")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(refused, timeout=10)
+    assert caught.value.code == 401  # loopback is no credential
+    done = mirror_cmd(mirror, "cache", "stats", "--json", "--url", mirror.url)
+    assert done.returncode == 0 and json.loads(done.stdout)["size_bytes"] == 0, done.stderr
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text("guess\n")
+    done = mirror_cmd(mirror, "cache", "gc", "--url", mirror.url, "--admin-token-file", str(wrong))
+    assert done.returncode == 2 and "the admin token is missing or wrong" in done.stderr
+    monkeypatch.delenv("MIRROR_SERVER_ADMIN_TOKEN")
+    done = mirror_cmd(mirror, "cache", "stats")  # over the socket: no token needed
+    assert done.returncode == 0, done.stderr
 
 
 def _quietly_get(url: str) -> None:

@@ -11,11 +11,14 @@ import json
 import os
 import re
 import signal
+import stat
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 
@@ -153,3 +156,41 @@ def test_workers_do_not_outlive_a_killed_supervisor(group: MirrorProcess) -> Non
     while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(alive(pid) for pid in workers)
+
+
+def test_the_primary_serves_the_admin_socket_and_its_replacement_takes_it_over(
+    group: MirrorProcess, upstream: UpstreamRegistry, repo: str
+) -> None:
+    push_image(upstream, repo, "v1", layers=1)
+    assert get(f"{group.url}/v2/{repo}/manifests/v1", {"Accept": MANIFEST_ACCEPT})[0] == 200
+    sock = group.data_dir / "admin.sock"
+    assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
+    refused = many(24, lambda _: get(f"{group.url}/admin/stats"))  # from loopback, on both workers
+    assert {status for status, _, _ in refused} == {403}
+    assert all(str(sock) in json.loads(body)["errors"][0]["message"] for _, _, body in refused)
+    assert served_by(group, "/admin/stats") == {0, 1}
+    assert cache_stats(group)["objects"]["manifest"] == 1  # over the socket, with no token configured
+    primary, _ = group.workers()
+    os.kill(primary, signal.SIGKILL)  # its socket stays behind, stale
+    deadline = time.monotonic() + 30
+    while True:  # the replacement primary replaces the stale socket
+        done = cache_command(group, "stats", "--json")
+        if done.returncode == 0:
+            break
+        assert time.monotonic() < deadline, done.stderr
+        time.sleep(0.2)
+    assert json.loads(done.stdout)["objects"]["manifest"] == 1
+    assert primary not in group.workers() and "restarting it" in group.log.read_text()
+    assert group.stop() == 0
+    assert not sock.exists()
+
+
+def cache_command(mirror: MirrorProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mirror", "cache", *args, "--config", str(mirror.config)],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def cache_stats(mirror: MirrorProcess) -> dict[str, Any]:
+    done = cache_command(mirror, "stats", "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
