@@ -24,8 +24,12 @@ async def test_invariant_1_only_verified_bytes_are_served(mirror: Mirror, fake_r
     data = os.urandom(400_000)
     digest = fake_registry.add_blob("library/app", data)
     fake_registry.corrupt_blobs = True
+    hold = fake_registry.hold(digest, after=64 * 1024)
     clients = [mirror.client.get(f"/v2/library/app/blobs/{digest}") for _ in range(3)]
-    for resp in await asyncio.gather(*clients):
+    responses = await asyncio.wait_for(asyncio.gather(*clients), 10)  # all three follow the one fetch
+    assert fake_registry.count(method="GET", kind="blob") == 1
+    hold.release()
+    for resp in responses:
         body = await _read_or_none(resp)
         # the last byte is held back until verification: no client ever holds the whole bad body
         assert body is None or len(body) < len(data)
@@ -54,11 +58,16 @@ async def test_invariant_2_no_reader_sees_a_partial_file(mirror: Mirror, fake_re
 async def test_invariant_3_concurrent_misses_make_one_upstream_get(mirror: Mirror, fake_registry: FakeRegistry) -> None:
     data = os.urandom(2_000_000)
     digest = fake_registry.add_blob("library/app", data)
-    fake_registry.chunk_delay = 0.001
-    responses = await asyncio.gather(
-        *(mirror.client.get(f"/v2/library/app/blobs/{digest}") for _ in range(20)),
-        *(mirror.client.get(f"/v2/library/app/blobs/{digest}", headers={"Range": "bytes=1000-"}) for _ in range(5)),
-    )
+    hold = fake_registry.hold(digest, after=64 * 1024)  # the fetch stays in flight until released
+    url = f"/v2/library/app/blobs/{digest}"
+    # headers go out once a request has joined the fetch: when all 25 have them, all 25 joined it
+    responses = await asyncio.wait_for(asyncio.gather(
+        *(mirror.client.get(url) for _ in range(20)),
+        *(mirror.client.get(url, headers={"Range": "bytes=1000-"}) for _ in range(5)),
+    ), 10)
+    assert hold.arrived == 1 and fake_registry.count(method="GET", kind="blob") == 1
+    assert sorted(r.headers["X-Mirror-Cache"] for r in responses) == ["coalesced"] * 24 + ["miss"]
+    hold.release()
     bodies = [await r.read() for r in responses]
     assert bodies[:20] == [data] * 20
     assert bodies[20:] == [data[1000:]] * 5
