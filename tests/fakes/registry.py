@@ -114,10 +114,6 @@ class Hold:
         """Let every held GET, and every later one, send the rest."""
         self._released.set()
 
-    @property
-    def released(self) -> bool:
-        return self._released.is_set()
-
     async def _pass(self) -> None:
         async with self._changed:
             self.arrived += 1
@@ -464,7 +460,7 @@ class FakeRegistry:
 
     async def _send_blob(self, request: web.Request, data: bytes, digest: str
                          ) -> web.StreamResponse:
-        """Stream `data` in chunks, with Range, and the body faults (corrupt, stall, drop)."""
+        """Stream `data` in chunks, with Range, the body faults (corrupt, stall, drop) and holds."""
         size = len(data)
         if self.corrupt_blobs and size:
             data = data[:size // 2] + bytes([data[size // 2] ^ 0xFF]) + data[size // 2 + 1:]
