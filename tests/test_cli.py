@@ -12,7 +12,6 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,6 +24,7 @@ from mirror.cli import main
 from mirror.storage.lock import DataDirLock
 from tests.conftest import Mirror, mirror_config
 from tests.fakes.registry import FakeRegistry
+from tests.waiting import wait_until_sync
 
 MANIFEST_ACCEPT = {"Accept": "application/vnd.docker.distribution.manifest.v2+json"}
 
@@ -89,6 +89,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_ready(proc: subprocess.Popen[bytes], base: str) -> None:
+    """Until `mirror serve` listens and says it is ready; fails at once if it exits."""
+    def readyz() -> int | None:
+        assert proc.poll() is None, (proc.communicate()[1] or b"mirror serve exited").decode()
+        try:
+            return _get(f"{base}/readyz")[0]
+        except OSError:
+            return None
+    wait_until_sync(readyz, check=lambda status: status == 200, timeout=START_TIMEOUT, what="mirror serve ready")
+
+
 def _get(url: str) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:
@@ -106,16 +117,7 @@ def test_serve_answers_and_stops_on_sigterm(tmp_path: Path) -> None:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:  # poll until it listens and says it is ready
-            assert proc.poll() is None, proc.communicate()[1].decode()
-            try:
-                if _get(f"{base}/readyz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "mirror serve did not become ready"
-            time.sleep(0.05)
+        _wait_ready(proc, base)
         status, body = _get(f"{base}/v2/")  # the version check challenges, as Docker Hub's does
         assert status == 401 and json.loads(body)["errors"][0]["code"] == "UNAUTHORIZED"
         assert _get(f"{base}/healthz")[0] == 200
@@ -172,15 +174,7 @@ def test_a_second_mirror_on_the_same_data_directory_is_refused(tmp_path: Path) -
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "MIRROR_SERVER_WORKERS": "2"},
     )
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            try:
-                if _get(f"http://127.0.0.1:{port}/readyz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert first.poll() is None and time.monotonic() < deadline, "the first mirror did not start"
-            time.sleep(0.05)
+        _wait_ready(first, f"http://127.0.0.1:{port}")
         proc = _serve(tmp_path, _free_port(), 2)
         assert proc.returncode == 2, proc.stderr
         assert "in use by a running mirror" in proc.stderr

@@ -38,8 +38,10 @@ async def test_disk_full_during_a_fetch_passes_bytes_through(
     mirror = Mirror(await aiohttp_client(app), FakeClock(), app, data_dir)
     big = os.urandom(5 << 20)
     digest = fake_registry.add_blob("library/big", big)
-    fake_registry.chunk_delay = 0.0005
-    responses = await asyncio.gather(*(mirror.client.get(f"/v2/library/big/blobs/{digest}") for _ in range(3)))
+    hold = fake_registry.hold(digest, after=64 * 1024)  # all three join the fetch before the disk fills
+    responses = await asyncio.wait_for(
+        asyncio.gather(*(mirror.client.get(f"/v2/library/big/blobs/{digest}") for _ in range(3))), 10)
+    hold.release()
     bodies = await asyncio.gather(*(r.read() for r in responses))
     await mirror.settled()
     assert bodies == [big] * 3

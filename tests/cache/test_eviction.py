@@ -222,7 +222,7 @@ async def test_the_data_directory_stays_within_the_cap_plus_running_fetches(
     ev.written, ev.stored = sampled(ev.written), sampled(ev.stored)  # type: ignore[method-assign]
     fake_registry.stall = asyncio.Event()  # every fetch writes its first chunk, then waits
     fake_registry.chunk_size = 16 * 1024
-    fake_registry.chunk_delay = 0.001
+    fake_registry.chunk_delay = 0.001  # a slow stream on purpose: a write, and a sample, per chunk
     pulls = [asyncio.ensure_future(fetch_blob(small_mirror, "library/burst", d)) for d in bodies]
     await all_writing.wait()
     fake_registry.stall.set()
@@ -318,7 +318,7 @@ async def test_with_all_else_pinned_writes_past_the_cap_do_not_plan_a_pass_each(
 
     ev.evict, ev.written = counted_evict, counted_written  # type: ignore[method-assign]
     fake_registry.chunk_size = 16 * 1024
-    fake_registry.chunk_delay = 0.001
+    fake_registry.chunk_delay = 0.001  # a slow stream on purpose: a batch per chunk, many writes past the cap
     data = os.urandom(600_000)
     digest = fake_registry.add_blob("library/app0", data)
     assert await fetch_blob(small_mirror, "library/app0", digest) == data

@@ -91,6 +91,36 @@ class Token:
     expires_at: float
 
 
+class Hold:
+    """Blob GETs of one digest stopped after their first `after` body bytes until `release()`.
+
+    Headers go out at once (a stream response sends them on prepare), so whoever fetches
+    sees the response begin, then `after` bytes, then nothing until the test releases it.
+    `arrived` counts the GETs that reached the hold (released or not).
+    """
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+        self.arrived = 0
+        self._released = asyncio.Event()
+        self._changed = asyncio.Condition()
+
+    async def reached(self, count: int = 1) -> None:
+        """Wait until `count` GETs have sent their first `after` bytes and stopped here."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.arrived >= count)
+
+    def release(self) -> None:
+        """Let every held GET, and every later one, send the rest."""
+        self._released.set()
+
+    async def _pass(self) -> None:
+        async with self._changed:
+            self.arrived += 1
+            self._changed.notify_all()
+        await self._released.wait()
+
+
 def oci_error(status: int, code: str, message: str, **headers: str) -> web.Response:
     body = json.dumps({"errors": [{"code": code, "message": message, "detail": {}}]})
     return web.Response(status=status, text=body, content_type="application/json", headers=headers)
@@ -132,6 +162,7 @@ class FakeRegistry:
         self.omit_head_content_length = False  # blob HEADs answered without Content-Length
         self.chunk_size = 64 * 1024
         self.chunk_delay = 0.0  # seconds between blob chunks: a slow, streaming upstream
+        self.holds: dict[str, Hold] = {}  # digest → its blob GETs' gate (see `hold`)
         self.drop_connection = False  # blob GETs close the connection after half the body
         # tags/list pages with ?n=&last= as distribution does; the next page's Link, from (repo, last, n)
         self.tags_link: Callable[[str, str, int], str] = lambda repo, last, n: (
@@ -211,6 +242,12 @@ class FakeRegistry:
         repository.manifests.pop(ref, None)
         repository.tags = {t: d for t, d in repository.tags.items() if d != ref}
 
+    def hold(self, digest: str, after: int = 0) -> Hold:
+        """Hold the body of every GET of `digest` after its first `after` bytes (headers are
+        sent) until the returned Hold is released; `await hold.reached(n)` waits for n GETs."""
+        self.holds[digest] = hold = Hold(after)
+        return hold
+
     # ---- request log ---------------------------------------------------------------------
 
     def count(self, method: str | None = None, kind: Kind | None = None,
@@ -253,6 +290,8 @@ class FakeRegistry:
         return self.url
 
     async def close(self) -> None:
+        for hold in self.holds.values():
+            hold.release()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -421,7 +460,7 @@ class FakeRegistry:
 
     async def _send_blob(self, request: web.Request, data: bytes, digest: str
                          ) -> web.StreamResponse:
-        """Stream `data` in chunks, with Range, and the body faults (corrupt, stall, drop)."""
+        """Stream `data` in chunks, with Range, the body faults (corrupt, stall, drop) and holds."""
         size = len(data)
         if self.corrupt_blobs and size:
             data = data[:size // 2] + bytes([data[size // 2] ^ 0xFF]) + data[size // 2 + 1:]
@@ -447,12 +486,21 @@ class FakeRegistry:
         if request.method == "HEAD":
             return response
         end = len(data) // 2 if self.drop_connection else len(data)
-        for offset in range(0, end, self.chunk_size):
+        hold = self.holds.get(digest)
+        held_at = end if hold is None else min(hold.after, end)
+        await self._write_body(response, data, 0, held_at)
+        if hold is not None:
+            await hold._pass()
+        await self._write_body(response, data, held_at, end)
+        if self.drop_connection and request.transport is not None:
+            request.transport.close()  # close() flushes the half written; abort() might not
+        return response
+
+    async def _write_body(self, response: web.StreamResponse, data: bytes, start: int, end: int) -> None:
+        """data[start:end] in chunks, with the stall after the body's first chunk and the chunk delay."""
+        for offset in range(start, end, self.chunk_size):
             await response.write(data[offset:min(offset + self.chunk_size, end)])
             if offset == 0 and self.stall is not None:
                 await self.stall.wait()
             if self.chunk_delay:
                 await asyncio.sleep(self.chunk_delay)
-        if self.drop_connection and request.transport is not None:
-            request.transport.close()  # close() flushes the half written; abort() might not
-        return response

@@ -276,6 +276,31 @@ async def test_stall_after_first_chunk(fake: FakeRegistry,
         assert await rest == data[1024:]
 
 
+async def test_hold_stops_every_get_of_a_digest_after_some_bytes_until_released(
+        fake: FakeRegistry, session: aiohttp.ClientSession) -> None:
+    data = bytes(range(256)) * 40
+    digest = fake.add_blob("r", data)
+    other = fake.add_blob("r", b"z" * 5000)
+    fake.chunk_size = 1024
+    hold = fake.hold(digest, after=1500)
+    url = f"{fake.url}/v2/r/blobs/{digest}"
+    async with session.get(url) as first, session.get(url) as second:
+        await asyncio.wait_for(hold.reached(2), 5)  # both stopped after their first 1500 bytes
+        assert hold.arrived == 2
+        for r in (first, second):
+            assert r.headers["Content-Length"] == str(len(data))
+            assert await asyncio.wait_for(r.content.readexactly(1500), 5) == data[:1500]
+        async with session.get(f"{fake.url}/v2/r/blobs/{other}") as r:  # other digests are not held
+            assert await r.read() == b"z" * 5000
+        async with session.head(url) as r:  # nor HEADs
+            assert r.status == 200
+        hold.release()
+        assert [await first.read(), await second.read()] == [data[1500:]] * 2
+    async with session.get(url) as r:  # once released, GETs pass
+        assert await r.read() == data
+    assert hold.arrived == 3
+
+
 async def test_stall_before_headers_times_out(fake: FakeRegistry,
                                               session: aiohttp.ClientSession) -> None:
     fake.stall_before_headers = True

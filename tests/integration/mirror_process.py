@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.integration.process import http_status, stop, wait_ready
 
 from tests.integration.registry import free_port
+from tests.waiting import wait_until_sync
 
 
 class MirrorProcess:
@@ -90,9 +91,8 @@ class MirrorProcess:
 
     def wait_idle(self, timeout: float = 30.0) -> None:
         """Wait until no fetch is running: clients get their bytes before the mirror has stored them."""
-        deadline = time.monotonic() + timeout
-        while self.metric("mirror_inflight_fetches") and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until_sync(lambda: self.metric("mirror_inflight_fetches"), check=lambda n: n == 0, timeout=timeout,
+                        what="no fetch running")
 
     def metric(self, name: str, **labels: str) -> float:
         """The value of one sample on /metrics (0 when absent)."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -23,6 +22,7 @@ import pytest
 
 from tests.integration.process import http_status, stop, wait_ready
 from tests.integration.registry import free_port, require_binary
+from tests.waiting import wait_until_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "grafana" / "dashboards" / "mirror.json"
@@ -103,14 +103,11 @@ class Prometheus:
 
     def wait_for(self, expr: str, check: Callable[[float | None], bool], what: str) -> float | None:
         """Poll `expr` until `check(value)` holds (bounded)."""
-        deadline = time.monotonic() + SCRAPE_TIMEOUT
-        value = None
-        while time.monotonic() < deadline:
-            value = self.value(expr)
-            if check(value):
-                return value
-            time.sleep(0.2)
-        raise AssertionError(f"{what}: {expr} is still {value} after {SCRAPE_TIMEOUT}s\n{self.log_tail()}")
+        try:
+            return wait_until_sync(lambda: self.value(expr), check=check, timeout=SCRAPE_TIMEOUT, interval=0.2,
+                                   what=f"{what}: {expr}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.log_tail()}") from None
 
     def wait_scraped(self) -> None:
         """Until the mirror has been scraped successfully (so its zero-valued series have a first sample)."""

@@ -12,7 +12,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,6 +24,7 @@ from tests.integration.clients import Skopeo
 from tests.integration.images import PushedImage, push_image
 from tests.integration.mirror_process import MirrorProcess
 from tests.integration.registry import UpstreamRegistry, random_repo
+from tests.waiting import wait_until_sync
 
 pytestmark = pytest.mark.integration
 
@@ -67,13 +67,8 @@ def _pull_all(mirror: MirrorProcess, skopeo: Skopeo, images: list[PushedImage]) 
 
 
 def _wait_under(mirror: MirrorProcess, cap: int) -> float:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        size = mirror.metric("mirror_cache_size_bytes")
-        if 0 < size <= cap:
-            return size
-        time.sleep(0.2)
-    raise AssertionError(f"cache still {mirror.metric('mirror_cache_size_bytes')} bytes, cap {cap}")
+    return wait_until_sync(lambda: mirror.metric("mirror_cache_size_bytes"), check=lambda size: 0 < size <= cap,
+                           timeout=30, interval=0.2, what=f"cache size within the cap of {cap} bytes")
 
 
 def test_size_cap_keeps_pinned_and_recent_images_and_evicts_whole_ones(
@@ -170,9 +165,8 @@ def test_kill_9_during_20_fetches_then_gc(
                for i in images[5:]]
     for r in readers:
         r.start()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and len(list((mirror_proc.data_dir / "tmp").iterdir())) < 10:
-        time.sleep(0.05)
+    wait_until_sync(lambda: len(list((mirror_proc.data_dir / "tmp").iterdir())), check=lambda n: n >= 10,
+                    timeout=30, what="ten fetches writing temp files")
     mirror_proc.kill()
     assert (mirror_proc.data_dir / "admin.sock").is_socket()  # left behind, stale
     gc = mirror_cmd(mirror_proc, "cache", "gc")

@@ -9,7 +9,6 @@ real registry, so every pull below went through the mirror's prefix routing.
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +19,7 @@ from tests.integration.clients import Containerd, PullError
 from tests.integration.images import push_image
 from tests.integration.mirror_process import MirrorProcess
 from tests.integration.registry import UpstreamRegistry, random_repo
+from tests.waiting import wait_until_sync
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -38,13 +38,9 @@ def _hosts_dir(root: Path, mirror: MirrorProcess, registry: str, server: str) ->
 
 def _requests(mirror: MirrorProcess, expected: str, timeout: float = 10.0) -> list[str]:
     """The request targets of the mirror's access log, once `expected` is among them (the log is
-    written in batches) or `timeout` has passed."""
-    deadline = time.monotonic() + timeout
-    while True:
-        seen = re.findall(r" (?:GET|HEAD) (\S+) ", mirror.log.read_text(errors="replace"))
-        if expected in seen or time.monotonic() > deadline:
-            return seen
-        time.sleep(0.05)
+    written in batches); fails after `timeout` seconds."""
+    return wait_until_sync(lambda: re.findall(r" (?:GET|HEAD) (\S+) ", mirror.log.read_text(errors="replace")),
+                           check=lambda seen: expected in seen, timeout=timeout, what=f"{expected} in the access log")
 
 
 @pytest.fixture

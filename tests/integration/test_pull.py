@@ -11,7 +11,6 @@ import hashlib
 import json
 import subprocess
 import threading
-import time
 import urllib.request
 from pathlib import Path
 from typing import Callable
@@ -22,6 +21,7 @@ from tests.fakes.fault_proxy import FaultProxy
 from tests.integration.images import ImageKind, PushedImage, push_image, sha256_file
 from tests.integration.mirror_process import MirrorProcess
 from tests.integration.registry import UpstreamRegistry, break_upstream, require_binary
+from tests.waiting import wait_until_sync
 
 pytestmark = pytest.mark.integration
 
@@ -144,9 +144,8 @@ def test_kill_9_mid_fetch_leaves_nothing_partial(
     reader = threading.Thread(target=lambda: _try_get(f"{mirror_proc.url}/v2/{repo}/blobs/{big.digest}"), daemon=True)
     reader.start()
     tmp = mirror_proc.data_dir / "tmp"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not any(p.stat().st_size > 0 for p in tmp.iterdir()):
-        time.sleep(0.05)
+    wait_until_sync(lambda: [p.name for p in tmp.iterdir() if p.stat().st_size > 0], timeout=30,
+                    what="a temp file with bytes in it")
     mirror_proc.kill()
     content = mirror_proc.data_dir / "content" / "sha256" / big.digest[7:9] / big.digest[7:]
     assert not content.exists()

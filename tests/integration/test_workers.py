@@ -14,7 +14,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,6 +24,7 @@ import pytest
 from tests.integration.images import push_image
 from tests.integration.mirror_process import MirrorProcess
 from tests.integration.registry import UpstreamRegistry
+from tests.waiting import wait_until_sync
 
 pytestmark = pytest.mark.integration
 
@@ -40,10 +40,7 @@ def group(mirror_factory: Callable[..., MirrorProcess]) -> MirrorProcess:
 
 def wait_for_workers(mirror: MirrorProcess, count: int) -> None:
     """/readyz answers once the primary does; the secondary is forked after that."""
-    deadline = time.monotonic() + 20
-    while len(mirror.workers()) < count and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert len(mirror.workers()) == count
+    wait_until_sync(mirror.workers, check=lambda pids: len(pids) == count, timeout=20, what=f"{count} workers")
 
 
 def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -71,10 +68,15 @@ def alive(pid: int) -> bool:
 
 def served_by(mirror: MirrorProcess, path_part: str) -> set[int]:
     """The workers that received requests for `path_part` from clients (answered or handed over)."""
-    time.sleep(0.5)  # access-log lines are written in batches, within 0.2 s
     return {int(m.group(2) or m.group(1)) for line in mirror.log.read_text().splitlines()
             if "mirror.access" in line and path_part in line
             and (m := re.search(r" worker (\d+)(?: from (\d+))?$", line))}
+
+
+def wait_served_by_both(mirror: MirrorProcess, path_part: str) -> None:
+    """Until both workers logged requests for `path_part` (access-log lines are written in batches)."""
+    wait_until_sync(lambda: served_by(mirror, path_part), check=lambda workers: workers == {0, 1}, timeout=5,
+                    what=f"workers that logged {path_part}")
 
 
 def test_one_upstream_fetch_for_concurrent_cold_gets_over_both_workers(
@@ -86,7 +88,7 @@ def test_one_upstream_fetch_for_concurrent_cold_gets_over_both_workers(
     assert all(status == 200 for status, _, _ in results)
     assert all(f"sha256:{hashlib.sha256(body).hexdigest()}" == big.digest for _, _, body in results)
     assert upstream.count("GET", f"/blobs/{big.digest}", status=200) == 1
-    assert served_by(group, big.digest) == {0, 1}
+    wait_served_by_both(group, big.digest)
     group.wait_idle()
     results = many(10, lambda _: get(f"{group.url}/v2/{repo}/blobs/{big.digest}"))  # now hits, on both
     assert {headers["X-Mirror-Cache"] for _, headers, _ in results} == {"hit"}
@@ -103,7 +105,7 @@ def test_a_token_issued_by_one_worker_is_honoured_by_the_other(
     results = many(20, lambda _: get(f"{group.url}/v2/{repo}/manifests/v1", auth))
     assert [status for status, _, _ in results] == [200] * 20
     assert {headers["Docker-Content-Digest"] for _, headers, _ in results} == {image.digest}
-    assert served_by(group, f"/v2/{repo}/manifests/v1") == {0, 1}
+    wait_served_by_both(group, f"/v2/{repo}/manifests/v1")
     forged = {"Authorization": f"Bearer {token[:-4]}AAAA", "Accept": MANIFEST_ACCEPT}
     assert {status for status, _, _ in many(6, lambda _: get(f"{group.url}/v2/{repo}/manifests/v1", forged))} == {401}
 
@@ -112,7 +114,7 @@ def test_metrics_add_up_over_the_workers(group: MirrorProcess, upstream: Upstrea
     push_image(upstream, repo, "v1", layers=1)
     results = many(24, lambda _: get(f"{group.url}/v2/{repo}/manifests/v1", {"Accept": MANIFEST_ACCEPT}))
     assert all(status == 200 for status, _, _ in results)
-    assert served_by(group, f"/v2/{repo}/manifests/v1") == {0, 1}
+    wait_served_by_both(group, f"/v2/{repo}/manifests/v1")
     counted = [sum(group.metric("mirror_requests_total", kind="manifest", method="GET", result=result)
                    for result in ("hit", "miss", "coalesced")) for _ in range(6)]  # scrapes land on both workers
     assert counted == [24] * 6
@@ -128,12 +130,10 @@ def test_a_worker_that_dies_is_replaced_and_hits_go_on_meanwhile(
     os.kill(primary, signal.SIGKILL)  # misses wait for its replacement; cached tags are still served
     answered = [status for status, _, _ in many(10, lambda _: get(url, {"Accept": MANIFEST_ACCEPT}))]
     assert answered.count(200) >= 1 and set(answered) <= {200, 503}
-    deadline = time.monotonic() + 20
-    while (len(group.workers()) < 2 or primary in group.workers()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert len(group.workers()) == 2 and primary not in group.workers() and secondary in group.workers()
-    time.sleep(0.5)
-    assert "restarting it" in group.log.read_text()
+    workers = wait_until_sync(group.workers, check=lambda pids: len(pids) == 2 and primary not in pids,
+                              timeout=20, interval=0.1, what="a replacement worker")
+    assert secondary in workers
+    wait_until_sync(lambda: "restarting it" in group.log.read_text(), timeout=5, what="the restart logged")
     assert {status for status, _, _ in many(10, lambda _: get(url, {"Accept": MANIFEST_ACCEPT}))} == {200}
 
 
@@ -152,10 +152,8 @@ def test_sigterm_stops_every_worker_and_frees_the_data_directory(
 def test_workers_do_not_outlive_a_killed_supervisor(group: MirrorProcess) -> None:
     workers = group.workers()
     os.kill(group.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 20
-    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(alive(pid) for pid in workers)
+    wait_until_sync(lambda: [pid for pid in workers if alive(pid)], check=lambda left: not left, timeout=20,
+                    interval=0.1, what="workers still running")
 
 
 def test_the_primary_serves_the_admin_socket_and_its_replacement_takes_it_over(
@@ -172,13 +170,8 @@ def test_the_primary_serves_the_admin_socket_and_its_replacement_takes_it_over(
     assert cache_stats(group)["objects"]["manifest"] == 1  # over the socket, with no token configured
     primary, _ = group.workers()
     os.kill(primary, signal.SIGKILL)  # its socket stays behind, stale
-    deadline = time.monotonic() + 30
-    while True:  # the replacement primary replaces the stale socket
-        done = cache_command(group, "stats", "--json")
-        if done.returncode == 0:
-            break
-        assert time.monotonic() < deadline, done.stderr
-        time.sleep(0.2)
+    done = wait_until_sync(lambda: cache_command(group, "stats", "--json"), check=lambda d: d.returncode == 0,
+                           timeout=30, interval=0.2, what="the replacement primary taking over the stale socket")
     assert json.loads(done.stdout)["objects"]["manifest"] == 1
     assert primary not in group.workers() and "restarting it" in group.log.read_text()
     assert group.stop() == 0

@@ -28,6 +28,7 @@ from mirror.server import MirrorRunner
 from tests.byteranges import parse_byteranges
 from tests.conftest import FakeClock, Mirror, mirror_config
 from tests.fakes.registry import FakeRegistry, digest_of
+from tests.waiting import wait_until
 
 BOUND = 10.0  # seconds any one wait of these tests may take; they finish in well under one
 
@@ -61,13 +62,6 @@ class Gate:
             await self.release.wait()
             return await fn(*args, **kwargs)
         return held
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Wait (bounded) for a condition another task brings about; polled, since nothing signals it."""
-    async with asyncio.timeout(BOUND):
-        while not condition():
-            await asyncio.sleep(0.005)
 
 
 async def evict(services: Services, digest: str) -> None:
@@ -206,19 +200,19 @@ async def test_kind2_a_client_leaving_during_sendfile_of_a_growing_file(
     fake_registry.stall = stall = asyncio.Event()  # upstream sends its first chunk, then waits
     leaving = await mirror.client.get(url)
     assert await asyncio.wait_for(leaving.content.readexactly(1000), BOUND) == data[:1000]
-    fetch = mirror.services.blobs.inflight._fetches[digest]
-    staying = asyncio.ensure_future(mirror.client.get(url))
-    await until(lambda: fetch._readers == 2)
+    resp = await asyncio.wait_for(mirror.client.get(url), BOUND)  # headers: it joined the fetch
+    assert resp.headers["X-Mirror-Cache"] == "coalesced"
     held = connections(mirror.client)
     leaving.close()
-    await until(lambda: connections(mirror.client) == held - 1)  # the mirror saw it leave
+    await wait_until(lambda: connections(mirror.client), check=lambda n: n == held - 1,
+                     timeout=BOUND, what="the mirror saw the client leave")
     stall.set()  # its handler now sends the next bytes to a closed connection
-    resp = await asyncio.wait_for(staying, BOUND)
     assert resp.status == 200 and await asyncio.wait_for(resp.read(), BOUND) == data
     await mirror.settled()
     stored = mirror.services.blobs.store.path(digest)
     assert digest_of(stored.read_bytes()) == digest
-    await until(lambda: disconnects(mirror.services) == 1)
+    await wait_until(lambda: disconnects(mirror.services), check=lambda n: n == 1, timeout=BOUND,
+                     what="departures counted")
     assert fake_registry.count("GET", "blob") == 1
     assert any(r.name == "mirror.clients" and r.levelno == logging.DEBUG for r in caplog.records)
     assert_quiet(caplog)
@@ -237,9 +231,11 @@ async def test_kind2_a_client_leaving_during_sendfile_of_a_hit(
     leaving = asyncio.ensure_future(mirror.client.get(url, headers=ask))
     await asyncio.wait_for(gate.reached.wait(), BOUND)  # headers are out; the body is about to go
     (await asyncio.wait_for(leaving, BOUND)).close()
-    await until(lambda: connections(mirror.client) == held)
+    await wait_until(lambda: connections(mirror.client), check=lambda n: n == held, timeout=BOUND,
+                     what="the mirror saw the client leave")
     gate.release.set()  # sendfile meets a closed transport ("Transport is closing")
-    await until(lambda: disconnects(mirror.services) == 1)
+    await wait_until(lambda: disconnects(mirror.services), check=lambda n: n == 1, timeout=BOUND,
+                     what="departures counted")
     monkeypatch.undo()
     resp = await mirror.client.get(url)
     assert resp.headers["X-Mirror-Cache"] == "hit" and await resp.read() == data

@@ -133,17 +133,14 @@ async def test_cdn_redirect_is_followed_without_registry_credentials(mirror: Mir
 
 async def test_client_disconnect_does_not_cancel_the_fetch(mirror: Mirror, fake_registry: FakeRegistry) -> None:
     digest, data = _blob(fake_registry, 1_000_000)
-    stall = asyncio.Event()
-    fake_registry.stall = stall
+    hold = fake_registry.hold(digest, after=64 * 1024)
     resp = await mirror.client.get(f"/v2/library/app/blobs/{digest}")
-    await resp.content.read(10)
+    await resp.content.readexactly(10)
     resp.close()
-    stall.set()
-    for _ in range(200):
-        if mirror.services.blobs.store.size(digest) is not None:
-            break
-        await asyncio.sleep(0.01)
+    hold.release()
+    await mirror.settled()
     assert mirror.services.blobs.store.size(digest) == len(data)
+    assert fake_registry.count("GET", "blob") == 1
 
 
 async def test_blob_known_elsewhere_is_confirmed_upstream_before_serving(mirror: Mirror, fake_registry: FakeRegistry) -> None:
@@ -337,16 +334,12 @@ async def test_kind10_two_ranges_on_a_miss_wait_for_their_bytes_and_the_whole_bl
 
 async def test_kind10_ranges_of_a_fetch_others_started(mirror: Mirror, fake_registry: FakeRegistry) -> None:
     digest, data = _blob(fake_registry, 1_000_000)
-    fake_registry.stall = stall = asyncio.Event()
+    hold = fake_registry.hold(digest, after=64 * 1024)
     url = f"/v2/library/app/blobs/{digest}"
     whole = await mirror.client.get(url)
-    ranged = asyncio.ensure_future(mirror.client.get(url, headers={"Range": "bytes=999990-,0-9"}))
-    fetch = mirror.services.blobs.inflight._fetches[digest]
-    while fetch._readers < 2:  # the ranged request joined the stalled fetch
-        await asyncio.sleep(0.01)
-    stall.set()
-    resp = await asyncio.wait_for(ranged, 5)
-    assert resp.headers["X-Mirror-Cache"] == "coalesced"
+    resp = await asyncio.wait_for(mirror.client.get(url, headers={"Range": "bytes=999990-,0-9"}), 5)
+    assert resp.headers["X-Mirror-Cache"] == "coalesced"  # it joined the fetch still held upstream
+    hold.release()
     _assert_multipart(resp, await resp.read(), data, [(999_990, 1_000_000), (0, 10)])
     assert await whole.read() == data
     assert fake_registry.count("GET", "blob") == 1

@@ -25,9 +25,10 @@ from mirror.workers import follow
 from mirror.workers.follow import TEMP_FILE
 from mirror.workers.role import WorkerRole
 from tests.byteranges import parse_byteranges
-from tests.proxy.test_blob_races import BOUND, Gate, ProductionServer, assert_quiet, connections, disconnects, evict, until
+from tests.proxy.test_blob_races import BOUND, Gate, ProductionServer, assert_quiet, connections, disconnects, evict
 from tests.conftest import mirror_config
 from tests.fakes.registry import FakeRegistry, digest_of
+from tests.waiting import wait_until
 
 ACCEPT = {"Accept": "application/vnd.docker.distribution.manifest.v2+json"}
 
@@ -153,18 +154,18 @@ async def test_private_images_through_the_secondary_with_a_token_the_primary_iss
 async def test_concurrent_blob_misses_follow_the_primarys_temp_file(group: Group, fake_registry: FakeRegistry) -> None:
     layer = os.urandom(3 << 20)
     fake_registry.add_image("library/app", "v1", [layer])
-    fake_registry.chunk_delay = 0.01  # still arriving while the secondary's clients read
     digest = "sha256:" + hashlib.sha256(layer).hexdigest()
+    hold = fake_registry.hold(digest, after=64 * 1024)  # still arriving while the secondary's clients read
     path = f"/v2/library/app/blobs/{digest}"
-
-    async def fetch(headers: dict[str, str]) -> tuple[int, bytes]:
-        resp = await group.secondary.get(path, headers=headers)
-        return resp.status, await resp.read()
-
-    whole, ranged = await asyncio.gather(
-        asyncio.gather(*(fetch({}) for _ in range(4))), fetch({"Range": "bytes=1000000-1000009"}))
-    assert all(status == 200 and body == layer for status, body in whole)
-    assert ranged == (206, layer[1000000:1000010])
+    # each answer begins once its request follows the primary's fetch: all five are in before release
+    responses = await asyncio.wait_for(asyncio.gather(
+        *(group.secondary.get(path) for _ in range(4)),
+        group.secondary.get(path, headers={"Range": "bytes=1000000-1000009"})), BOUND)
+    assert fake_registry.count("GET", "blob") == 1
+    hold.release()
+    bodies = [await asyncio.wait_for(resp.read(), BOUND) for resp in responses]
+    assert [resp.status for resp in responses] == [200] * 4 + [206]
+    assert bodies == [layer] * 4 + [layer[1000000:1000010]]
     assert fake_registry.count("GET", "blob") == 1
     assert group.followed.count(path) == 5  # no byte of it went through the socket
 
@@ -196,14 +197,13 @@ async def test_a_temp_file_the_secondary_cannot_open_is_a_503_not_an_empty_200(
 async def test_kind10_several_ranges_of_a_miss_through_a_secondary(group: Group, fake_registry: FakeRegistry) -> None:
     layer = os.urandom(1 << 20)
     fake_registry.add_image("library/app", "v1", [layer])
-    fake_registry.stall = stall = asyncio.Event()  # the fetch is running while the parts are asked for
     digest = "sha256:" + hashlib.sha256(layer).hexdigest()
+    hold = fake_registry.hold(digest, after=64 * 1024)  # the fetch is running while the parts are asked for
     path = f"/v2/library/app/blobs/{digest}"
     header, want = "bytes=10-19,1000000-1048575", [(10, 20), (1_000_000, 1 << 20)]
     pending = asyncio.ensure_future(group.secondary.get(path, headers={"Range": header}))
-    while fake_registry.count("GET", "blob") == 0:  # the primary's fetch has begun, and stalls
-        await asyncio.sleep(0.01)
-    stall.set()
+    await asyncio.wait_for(hold.reached(), BOUND)  # the primary's fetch has begun, and is held
+    hold.release()
     resp = await asyncio.wait_for(pending, 10)
     body = await asyncio.wait_for(resp.read(), 10)
     assert resp.status == 206 and int(resp.headers["Content-Length"]) == len(body)
@@ -314,17 +314,18 @@ async def test_kind2_a_client_leaving_a_followed_blob_is_counted_once_and_the_fe
     leaving = await asyncio.wait_for(group.secondary.get(path), BOUND)
     assert await asyncio.wait_for(leaving.content.readexactly(1000), BOUND) == layer[:1000]
     fetch = group.primary[SERVICES].blobs.inflight._fetches[digest]
-    staying = asyncio.ensure_future(group.secondary.get(path))
-    await until(lambda: fetch._readers == 2)
+    resp = await asyncio.wait_for(group.secondary.get(path), BOUND)  # headers: it follows the fetch
+    assert fetch._readers == 2
     held = connections(group.secondary)
     leaving.close()
-    await until(lambda: connections(group.secondary) == held - 1)  # the secondary saw it leave
+    await wait_until(lambda: connections(group.secondary), check=lambda n: n == held - 1, timeout=BOUND,
+                     what="the secondary saw the client leave")
     stall.set()  # the next stretch goes to a closed connection
-    resp = await asyncio.wait_for(staying, BOUND)
     assert resp.status == 200 and await asyncio.wait_for(resp.read(), BOUND) == layer
     await group.primary[SERVICES].blobs.inflight.idle()
     assert digest_of(group.primary[SERVICES].blobs.store.path(digest).read_bytes()) == digest
-    await until(lambda: fetch._readers == 0)  # the primary let go of the follower that left, too
+    # the primary let go of the follower that left, too
+    await wait_until(lambda: fetch._readers, check=lambda n: n == 0, timeout=BOUND, what="the primary's readers")
     # one count, by the secondary: the primary does not count its follower's leaving again
     # (in one test process both workers' values land in the same multiprocess file)
     assert disconnects(group.secondary_app[SERVICES]) == 1
