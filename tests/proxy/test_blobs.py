@@ -9,7 +9,7 @@ import os
 import aiohttp
 import pytest
 
-from mirror.proxy.ranges import MAX_RANGES
+from mirror.responses.ranges import MAX_RANGES
 from tests.byteranges import parse_byteranges
 from tests.conftest import Mirror
 from tests.fakes.registry import FakeRegistry, digest_of
