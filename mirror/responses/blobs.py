@@ -98,8 +98,8 @@ async def respond(request: web.Request, answer: BlobAnswer) -> web.StreamRespons
     Takes `answer` over: it is closed once its body is sent (for a stored file, by the
     SentFile that sends it), or at once if there is none. Raises RegistryError RANGE_INVALID
     (416) for an unsatisfiable Range. A fetch is sent here, before this returns: a client
-    that leaves is counted, a fetch that fails (its digest did not match) aborts the
-    connection and marks the request an error.
+    that leaves is counted, a fetch that fails midway (a digest mismatch, upstream breaking
+    off) aborts the connection, so the client sees a truncated body, and marks the request an error.
     """
     if isinstance(answer, BlobHit):
         return _stored(request, answer)
