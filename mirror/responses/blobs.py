@@ -6,10 +6,10 @@ or none satisfiable (416), see `ranges`. Every answer has a Content-Length unles
 blob's size is not known at all (upstream sent none, and neither the cached manifests
 nor an upstream HEAD knew it): then the body is chunked.
 
-With several worker processes, a secondary asks the primary to be let follow the temp
-file of a miss (`mirror.workers.follow`): the primary then sends progress instead of
-bytes, for the whole blob or one range; several ranges of a miss come through the
-primary's socket (they are a table of contents: small).
+With several worker processes, a secondary asks the primary to let it follow the temp
+file of a miss (`follow`): the primary then sends progress instead of bytes, for the
+whole blob or one range; several ranges of a miss come through the primary's socket
+(they are a table of contents: small).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from mirror.proxy.inflight import Fetch, FetchFailed
 from mirror.requestinfo import RESULT, from_secondary
 from mirror.responses import ranges, sending
 from mirror.responses.ranges import ByteRange, Multipart
-from mirror.workers import follow
+from mirror.responses import follow
 
 log = logging.getLogger("mirror.blobs")
 

@@ -19,9 +19,8 @@ from yarl import URL
 
 from mirror.errors import Handler, NeedsPrimary, RegistryError, error_response
 from mirror.observe import client_left
-from mirror.responses import sending
+from mirror.responses import follow, sending
 from mirror.storage.blobs import ContentStore
-from mirror.workers import follow
 from mirror.requestinfo import CLIENT_ADDRESS, CLIENT_SCHEME, FORWARDED, HANDED_BY
 
 log = logging.getLogger("mirror.workers")
