@@ -10,7 +10,7 @@ SENT_BY_SENDFILE = web.RequestKey("sent_by_sendfile", int)  # body bytes that by
 CLIENT_ADDRESS = "X-Mirror-Client-Address"
 CLIENT_SCHEME = "X-Mirror-Client-Scheme"
 HANDED_BY = "X-Mirror-Worker"  # the index of the worker that handed it over
-BODY_LENGTH = "X-Mirror-Body-Length"  # what a followed answer stands for (see workers.follow)
+BODY_LENGTH = "X-Mirror-Body-Length"  # what a followed answer stands for (see responses.follow)
 
 
 def from_secondary(request: web.BaseRequest) -> bool:

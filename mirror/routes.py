@@ -1,4 +1,4 @@
-"""Thin handlers: parse and validate, route to an upstream, call a service, shape the response."""
+"""Thin handlers: parse and validate, route to an upstream, call a service, hand its answer to `mirror.responses`."""
 from __future__ import annotations
 
 import asyncio
@@ -9,7 +9,6 @@ from prometheus_client.exposition import choose_encoder
 
 from aiohttp.typedefs import Handler
 from mirror.errors import RegistryError, unsupported
-from mirror.mediatypes import OCI_INDEX
 from mirror.metrics import Metrics
 from mirror.proxy.access import Principal, principal_for
 from mirror.proxy.blobs import BlobService
@@ -21,6 +20,7 @@ from mirror.proxy.tokens import Grant, TokenService, challenge, client_credentia
 from mirror.upstream.credentials import Credentials
 from mirror.upstream.client import Upstream
 from mirror.reference import ManifestRef, parse_digest, parse_reference
+from mirror.responses import blobs as blob_responses, documents
 from mirror.routing import Router
 from mirror.requestinfo import KIND, RESULT, client_scheme
 
@@ -83,14 +83,7 @@ async def manifest(request: web.Request) -> web.StreamResponse:
     answer = await _services(request).manifests.get(upstream, repo, ref, request.headers.getall("Accept", []), principal)
     request[RESULT] = answer.result
     _count_hit(request, upstream, repo)
-    headers = {
-        "Content-Type": answer.media_type,
-        "Docker-Content-Digest": answer.digest,
-        "ETag": f'"{answer.digest}"',
-    }
-    if f'"{answer.digest}"' in request.headers.get("If-None-Match", ""):
-        return web.Response(status=304, headers=headers)
-    return web.Response(body=answer.body, headers=headers)
+    return documents.manifest(request, answer)
 
 
 def _manifest_reference(reference: str) -> ManifestRef:
@@ -109,7 +102,9 @@ async def blob(request: web.Request) -> web.StreamResponse:
     _read_only(request)
     upstream, repo, principal = _target(request)
     digest = parse_digest(request.match_info["digest"])
-    response = await _services(request).blobs.serve(request, upstream, repo, digest, principal)
+    answer = await _services(request).blobs.get(upstream, repo, digest, principal, head=request.method == "HEAD")
+    request[RESULT] = answer.result
+    response = await blob_responses.respond(request, answer)
     _count_hit(request, upstream, repo)
     return response
 
@@ -127,7 +122,7 @@ async def tags(request: web.Request) -> web.Response:
     body, following, result = await _services(request).tags.get(upstream, repo, page, principal.upstream)
     request[RESULT] = result
     link = mirror_link(request.match_info["name"], request.query.get("ns"), following) if following else None
-    return web.Response(body=body, content_type="application/json", headers={"Link": link} if link else {})
+    return documents.tag_list(body, link)
 
 
 async def referrers(request: web.Request) -> web.Response:
@@ -137,8 +132,7 @@ async def referrers(request: web.Request) -> web.Response:
     digest = parse_digest(request.match_info["digest"])
     answer = await _services(request).referrers.get(upstream, repo, digest, request.query.get("artifactType"), principal)
     request[RESULT] = answer.result
-    headers = {"OCI-Filters-Applied": "artifactType"} if answer.filtered else {}
-    return web.Response(body=answer.body, content_type=OCI_INDEX, headers=headers)
+    return documents.referrers(answer)
 
 
 async def catalog(request: web.Request) -> web.Response:
@@ -147,8 +141,7 @@ async def catalog(request: web.Request) -> web.Response:
     _read_only(request)
     svc = _services(request)
     answer = await svc.catalog.list(principal_for(_client(request), svc.router.default), request.query)
-    return web.Response(body=answer.body, content_type="application/json",
-                        headers={"Link": answer.link} if answer.link else {})
+    return documents.catalog(answer)
 
 
 async def other_v2(request: web.Request) -> web.Response:

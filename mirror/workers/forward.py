@@ -20,9 +20,8 @@ from yarl import URL
 from aiohttp.typedefs import Handler
 from mirror.errors import NeedsPrimary, RegistryError, error_response
 from mirror.observe import client_left
-from mirror.proxy import sending
+from mirror.responses import follow, sending
 from mirror.storage.store import ContentStore
-from mirror.workers import follow
 from mirror.requestinfo import CLIENT_ADDRESS, CLIENT_SCHEME, FORWARDED, HANDED_BY
 
 log = logging.getLogger("mirror.workers")

@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 
 from mirror.app import make_app
 from mirror.observe import metrics_middleware
-from mirror.proxy import sending
+from mirror.responses import sending
 from mirror.requestinfo import KIND
 from mirror.routes import SERVICES, Services
 from mirror.server import MirrorRunner

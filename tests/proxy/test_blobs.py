@@ -9,7 +9,10 @@ import os
 import aiohttp
 import pytest
 
-from mirror.proxy.ranges import MAX_RANGES
+from mirror.errors import RegistryError
+from mirror.proxy.access import principal_for
+from mirror.proxy.blobs import BlobAnswer, BlobFetch, BlobHead, BlobHit
+from mirror.responses.ranges import MAX_RANGES
 from tests.byteranges import parse_byteranges
 from tests.conftest import Mirror
 from tests.fakes.registry import FakeRegistry, digest_of
@@ -479,3 +482,50 @@ async def test_a_range_of_a_corrupt_blob_still_arriving_never_arrives_whole(
         await asyncio.wait_for(resp.read(), 5)
     await mirror.settled()
     assert mirror.services.blobs.store.size(digest) is None
+
+
+async def _get(mirror: Mirror, digest: str, head: bool = False) -> BlobAnswer:
+    """The service's answer for library/app, asked directly: no HTTP request is involved."""
+    upstream, repo = mirror.services.router.route("library/app", None)
+    return await mirror.services.blobs.get(upstream, repo, digest, principal_for(None, upstream), head=head)
+
+
+async def test_the_service_answers_with_domain_results(mirror: Mirror, fake_registry: FakeRegistry) -> None:
+    """A HEAD miss is upstream's size, a GET miss the started fetch, then the stored file, open."""
+    digest, data = _blob(fake_registry)
+    head = await _get(mirror, digest, head=True)
+    assert head == BlobHead(digest, len(data), "miss") and fake_registry.count(method="GET") == 0
+
+    miss = await _get(mirror, digest)
+    assert isinstance(miss, BlobFetch) and (miss.result, miss.digest, miss.size) == ("miss", digest, len(data))
+    miss.close()  # its reader leaves; the fetch goes on and stores the blob
+    await mirror.settled()
+
+    hit = await _get(mirror, digest)
+    assert isinstance(hit, BlobHit) and (hit.result, hit.digest, hit.size) == ("hit", digest, len(data))
+    with hit.file:
+        assert hit.file.read() == data
+    assert fake_registry.count(method="GET", kind="blob") == 1
+
+
+async def test_the_service_joins_a_running_fetch(mirror: Mirror, fake_registry: FakeRegistry) -> None:
+    digest, data = _blob(fake_registry)
+    fake_registry.chunk_delay = 0.05  # still arriving while the second request comes
+    first = await _get(mirror, digest)
+    second = await _get(mirror, digest)
+    try:
+        assert isinstance(first, BlobFetch) and isinstance(second, BlobFetch)
+        assert (first.result, second.result) == ("miss", "coalesced") and first.fetch is second.fetch
+    finally:
+        first.close()
+        second.close()
+    await mirror.settled()
+    assert fake_registry.count(method="GET", kind="blob") == 1
+
+
+async def test_the_service_refuses_what_upstream_lacks_with_blob_unknown(mirror: Mirror) -> None:
+    for head in (False, True):
+        with pytest.raises(RegistryError) as info:
+            await _get(mirror, f"sha256:{'a' * 64}", head=head)
+        assert (info.value.status, info.value.code) == (404, "BLOB_UNKNOWN")
+    assert not mirror.services.blobs.inflight.temp_files()

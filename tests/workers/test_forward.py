@@ -21,8 +21,8 @@ from multidict import MultiDict
 from mirror.app import make_app
 from aiohttp.typedefs import Handler
 from mirror.routes import SERVICES
-from mirror.workers import follow
-from mirror.workers.follow import TEMP_FILE
+from mirror.responses import follow
+from mirror.responses.follow import TEMP_FILE
 from mirror.workers.role import WorkerRole
 from tests.byteranges import parse_byteranges
 from tests.proxy.test_blob_races import BOUND, Gate, ProductionServer, assert_quiet, connections, disconnects, evict

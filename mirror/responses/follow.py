@@ -29,7 +29,7 @@ from typing import BinaryIO
 import aiohttp
 from aiohttp import web
 
-from mirror.proxy import sending
+from mirror.responses import sending
 from mirror.proxy.inflight import Fetch
 from mirror.reference import parse_digest
 from mirror.requestinfo import BODY_LENGTH, from_secondary

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from mirror.proxy.ranges import MAX_RANGES, ByteRange, Multipart, RangeNotSatisfiable, parse_ranges, select
+from mirror.responses.ranges import MAX_RANGES, ByteRange, Multipart, RangeNotSatisfiable, parse_ranges, select
 from tests.byteranges import parse_byteranges
 
 ETAG = f'"sha256:{"a" * 64}"'

@@ -21,7 +21,6 @@ from aiohttp import web
 from mirror.requestinfo import SENT_BY_SENDFILE
 
 
-
 class ClientGone(ConnectionResetError):
     """The client closed its connection before its answer was whole."""
 
