@@ -166,7 +166,7 @@ def test_the_primary_serves_the_admin_socket_and_its_replacement_takes_it_over(
     refused = many(24, lambda _: get(f"{group.url}/admin/stats"))  # from loopback, on both workers
     assert {status for status, _, _ in refused} == {403}
     assert all(str(sock) in json.loads(body)["errors"][0]["message"] for _, _, body in refused)
-    assert served_by(group, "/admin/stats") == {0, 1}
+    wait_served_by_both(group, "/admin/stats")
     assert cache_stats(group)["objects"]["manifest"] == 1  # over the socket, with no token configured
     primary, _ = group.workers()
     os.kill(primary, signal.SIGKILL)  # its socket stays behind, stale
