@@ -29,7 +29,7 @@ from mirror.proxy.inflight import Inflight
 from mirror.proxy.manifests import ManifestService
 from mirror.proxy.referrers import ReferrersService
 from mirror.proxy.tags import TagListService
-from mirror.proxy.tokens import TokenService
+from mirror.proxy.token_realm import TokenService
 from mirror.routing import Router
 from mirror.server import error_middleware
 from mirror.storage.filestore import FileStore

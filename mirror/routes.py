@@ -16,7 +16,7 @@ from mirror.proxy.catalog import CatalogService
 from mirror.proxy.manifests import ManifestService
 from mirror.proxy.referrers import ReferrersService
 from mirror.proxy.tags import TagListService, mirror_link, parse_page
-from mirror.proxy.tokens import Grant, TokenService, challenge, client_credentials
+from mirror.proxy.token_realm import Grant, TokenService, challenge, client_credentials
 from mirror.upstream.credentials import Credentials
 from mirror.upstream.client import Upstream
 from mirror.reference import ManifestRef, parse_digest, parse_reference

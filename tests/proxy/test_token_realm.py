@@ -6,7 +6,7 @@ import os
 
 from cryptography.fernet import Fernet
 
-from mirror.proxy.tokens import REFRESH_TTL, TOKEN_TTL, Grant, TokenService
+from mirror.proxy.token_realm import REFRESH_TTL, TOKEN_TTL, Grant, TokenService
 from tests.credentials import FINGERPRINTS, creds
 
 
