@@ -129,7 +129,7 @@ class BlobService:
                 await self._allow(upstream, repo, digest, principal)
                 await self._a_blob_there(upstream, repo, digest, principal, file)
                 await self._linked(upstream, repo, digest, principal)
-                self.metadata.content.touch(digest, self.clock())
+                self.metadata.content.touch((digest,), self.clock())
                 hit, file = BlobHit(digest, os.fstat(file.fileno()).st_size, file), None
                 return hit
             if fetch is not None or not principal.fetches_as_itself:

@@ -115,8 +115,7 @@ class ManifestService:
             found, complete = await self._flights.do(("parts", digest),
                                                      lambda: image_parts(self.metadata, self.store, digest))
             known = self._parts[digest] = (tuple(found), None if complete else now + PARTS_RECHECK)
-        for part in known[0]:
-            self.metadata.content.touch(part, now)
+        self.metadata.content.touch(known[0], now)
 
     def forget(self, digests: list[str]) -> None:
         """Evicted content leaves the in-memory caches too."""

@@ -54,9 +54,10 @@ class Content:
             self.size += size
             self.on_grown()
 
-    def touch(self, digest: str, now: float) -> None:
-        """Record an access in memory; the write-behind batch writes it."""
-        self._batch.touch(digest, now)
+    def touch(self, digests: Iterable[str], now: float) -> None:
+        """Record an access to each of `digests` in memory (one call per request, on the hit
+        path); the write-behind batch writes them."""
+        self._batch.touch(digests, now)
 
     async def kind(self, digest: str) -> str | None:
         """"blob" or "manifest" for stored content, None without a row; remembered, so a

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from mirror.storage.metadata.database import WRITE_ERRORS, Database
@@ -53,9 +54,11 @@ class WriteBehind:
         self._soon: asyncio.Task[bool] | None = None
         self._failing = False  # the last write failed (and was logged)
 
-    def touch(self, digest: str, now: float) -> None:
+    def touch(self, digests: Iterable[str], now: float) -> None:
         times = self._pending.access_times
-        times[digest] = max(now, times.get(digest, now))
+        for digest in digests:
+            if times.get(digest, 0.0) < now:  # never back in time
+                times[digest] = now
 
     def count_hit(self, upstream: str, repo: str) -> None:
         self._pending.hits[(upstream, repo)] += 1

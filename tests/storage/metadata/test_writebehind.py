@@ -42,8 +42,8 @@ async def test_access_times_are_batched(metadata: Metadata) -> None:
     await metadata.content.add(D1, 10, None, "blob", 100.0)
     await metadata.content.add(D2, 20, None, "blob", 100.0)
     for now in (150.0, 160.0, 170.0):
-        metadata.content.touch(D1, now)
-    metadata.content.touch(D2, 50.0)  # older than what is stored: must not go back in time
+        metadata.content.touch([D1], now)
+    metadata.content.touch([D2], 50.0)  # older than what is stored: must not go back in time
     assert read(metadata.path, "SELECT digest, last_access FROM content ORDER BY digest") == [
         (D1, 100.0), (D2, 100.0)]  # nothing written yet
     assert await metadata.flush()
@@ -56,7 +56,7 @@ async def test_close_flushes_pending_access_times(tmp_path: Path) -> None:
     md = Metadata(tmp_path / "index.db")
     await md.open()
     await md.content.add(D1, 10, None, "blob", 100.0)
-    md.content.touch(D1, 500.0)
+    md.content.touch([D1], 500.0)
     await md.close()
     assert read(tmp_path / "index.db", "SELECT last_access FROM content") == [(500.0,)]
 
@@ -68,14 +68,14 @@ async def test_a_failed_write_is_kept_and_merged_with_what_came_meanwhile(
     caplog.set_level(logging.INFO, "mirror.metadata")
     faults = Faults(metadata, monkeypatch)
     faults.start()
-    metadata.content.touch(D1, 150.0)
+    metadata.content.touch([D1], 150.0)
     metadata.stats.count_hit("docker.io", "library/app")
     metadata.stats.count_hit("docker.io", "library/app")
     metadata.access.record("docker.io", "library/app", "anonymous", False, 100.0, "unauthorized")
     assert not await metadata.flush()
     # meanwhile
-    metadata.content.touch(D1, 120.0)  # earlier than the kept one: the latest wins
-    metadata.content.touch(D2, 300.0)
+    metadata.content.touch([D1], 120.0)  # earlier than the kept one: the latest wins
+    metadata.content.touch([D2], 300.0)
     metadata.stats.count_hit("docker.io", "library/app")
     metadata.stats.count_hit("ghcr.io", "org/tool")
     metadata.access.record("docker.io", "library/app", "anonymous", True, 200.0, "")
@@ -117,7 +117,7 @@ async def test_a_failed_commit_keeps_the_batch(metadata: Metadata, monkeypatch: 
     faults.error = sqlite3.OperationalError("database or disk is full")
     await metadata.content.add(D1, 10, None, "blob", 100.0)
     faults.start()
-    metadata.content.touch(D1, 150.0)
+    metadata.content.touch([D1], 150.0)
     metadata.stats.count_hit("docker.io", "library/app")
     assert not await metadata.flush()
     faults.failing = False
