@@ -20,23 +20,15 @@ from tests.integration.clients import (  # noqa: F401  (fixtures)
 )
 from tests.integration.mirror_process import MirrorProcess
 from tests.integration.prometheus import prometheus_factory  # noqa: F401  (fixture)
-from tests.integration.registry import UpstreamRegistry, random_repo, require_binary
+from tests.integration.registry import UpstreamRegistry, random_repo, registry_behind
 
 
 @pytest.fixture(scope="session")
 def upstream_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpstreamRegistry]:
     """One registry and token server for the whole run: starting them costs ~1 s; tests stay
     independent by using fresh repository names (see `repo`)."""
-    binary = require_binary("docker-registry")
-    token_server = TokenServer()
-    token_server.start()
-    registry = UpstreamRegistry(tmp_path_factory.mktemp("upstream"), token_server, binary)
-    try:
-        registry.start()
+    with registry_behind(TokenServer(), tmp_path_factory.mktemp("upstream")) as registry:
         yield registry
-    finally:
-        registry.stop()
-        token_server.stop()
 
 
 @pytest.fixture

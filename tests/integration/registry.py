@@ -11,6 +11,8 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple, NoReturn
 
@@ -190,6 +192,20 @@ class UpstreamRegistry:
         if not self.error_log.exists():
             return ""
         return "\n".join(self.error_log.read_text(errors="replace").splitlines()[-lines:])
+
+
+@contextmanager
+def registry_behind(token_server: TokenServer, workdir: Path, realm_host: str = "127.0.0.1") -> Iterator[UpstreamRegistry]:
+    """docker-registry behind `token_server`, which is started on `realm_host`; both stopped on exit."""
+    binary = require_binary("docker-registry")
+    token_server.start(host=realm_host)
+    registry = UpstreamRegistry(workdir, token_server, binary)
+    try:
+        registry.start()
+        yield registry
+    finally:
+        registry.stop()
+        token_server.stop()
 
 
 def break_upstream(fault: str, upstream: UpstreamRegistry, proxy: FaultProxy) -> None:

@@ -15,7 +15,7 @@ from tests.fakes.token_server import ANONYMOUS, TokenServer
 from tests.integration.clients import ClientError, Skopeo
 from tests.integration.images import push_image
 from tests.integration.mirror_process import MirrorProcess
-from tests.integration.registry import UpstreamRegistry, random_repo, require_binary
+from tests.integration.registry import UpstreamRegistry, random_repo, registry_behind
 
 pytestmark = pytest.mark.integration
 
@@ -26,16 +26,9 @@ SERVICE_ACCOUNT = ("svc", "svc-password")
 
 @pytest.fixture(scope="module")
 def foreign_realm_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpstreamRegistry]:
-    binary = require_binary("docker-registry")
     token_server = TokenServer(users=dict([ALICE, SERVICE_ACCOUNT]))
-    token_server.start(host=REALM_HOST)
-    registry = UpstreamRegistry(tmp_path_factory.mktemp("foreign-realm"), token_server, binary)
-    try:
-        registry.start()
+    with registry_behind(token_server, tmp_path_factory.mktemp("foreign-realm"), REALM_HOST) as registry:
         yield registry
-    finally:
-        registry.stop()
-        token_server.stop()
 
 
 @pytest.fixture
