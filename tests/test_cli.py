@@ -275,7 +275,8 @@ async def test_a_running_mirror_without_a_listening_socket_is_a_clear_error(
         lock.release()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to run the command as another user")
+@pytest.mark.skipif(os.geteuid() != 0 and not os.environ.get("CI"),
+                    reason="needs root, to run the command as another user (under CI it must run)")
 async def test_another_user_is_refused_by_the_socket_s_permissions(
     fake_registry: FakeRegistry, aiohttp_client: Any
 ) -> None:
