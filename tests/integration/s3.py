@@ -74,7 +74,7 @@ class S3Gateway:
                  # metrics on a kernel-chosen port, so parallel runs never collide on 9567
                  "--metrics", "127.0.0.1:0",
                  "--cache-dir", str(self.workdir / "cache"),
-                 # ETags are the MD5 of the content (or MinIO's multipart form), as S3 gives them
+                 # without it HEAD and GET carry no ETag; with it ETags are S3's (content MD5, multipart form)
                  "--keep-etag",
                  self._meta, f"127.0.0.1:{self.port}"],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
