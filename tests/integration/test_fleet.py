@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import urllib.request
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from mirror.storage.secret import SECRET_FILE, data_dir_secret
 from tests.fakes.fault_proxy import FaultProxy
 from tests.integration.images import DOCKER_MANIFEST, OCI_MANIFEST, Blob, push_blob, push_image
 from tests.integration.mirror_process import MirrorProcess
@@ -58,6 +61,14 @@ class Fleet:
 
     def start(self) -> None:
         binary = require_binary("haproxy")
+        # One data-directory secret for every replica, as compose.yaml provides: a token one
+        # replica issued is honoured by the others.
+        first = self.mirrors[0].data_dir
+        first.mkdir(parents=True)
+        data_dir_secret(first)
+        for mirror in self.mirrors[1:]:
+            mirror.data_dir.mkdir(parents=True)
+            shutil.copy(first / SECRET_FILE, mirror.data_dir / SECRET_FILE)
         for mirror in self.mirrors:
             mirror.start()
         servers = {f"mirror{i}": m.host for i, m in enumerate(self.mirrors, 1)}
@@ -178,6 +189,19 @@ def test_a_manifest_by_tag_is_answered_by_one_replica_within_its_ttl(
     assert list(counts.values()) == [2], f"the same replica answers a tag twice: {counts}"
     assert sum(r.startswith("GET ") for r in seen[0]) == 1, seen[0]
     assert seen[1] == seen[0], "within the tag's TTL the second answer costs no upstream request"
+
+
+def test_a_token_from_one_replica_is_honoured_by_the_others(
+    upstream: UpstreamRegistry, fleet: Fleet, repo: str, tmp_path: Path
+) -> None:
+    blobs = [random_blob(upstream, [repo], tmp_path / f"blob{i}", 4096 + i) for i in range(9)]
+    with urllib.request.urlopen(f"{fleet.url}/token?service=mirror&scope=repository:{repo}:pull", timeout=10) as resp:
+        token = json.loads(resp.read())["token"]
+    bearer = {"Authorization": f"Bearer {token}"}
+    for blob in blobs:
+        assert get_sha256(f"{fleet.url}/v2/{repo}/blobs/{blob.digest}", bearer) == blob.digest
+    owners = {fleet.owner(f"/v2/{repo}/blobs/{blob.digest}") for blob in blobs}
+    assert len(owners) > 1, "nine digests spread over the replicas"
 
 
 def test_a_killed_replicas_digests_are_served_by_the_others(
