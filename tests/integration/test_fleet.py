@@ -216,7 +216,8 @@ def test_a_killed_replicas_digests_are_served_by_the_others(
     orphans = [digest for digest, owner in owners.items() if owner == victim]
     dead = fleet.mirrors[victim]
     os.killpg(dead.pid, signal.SIGKILL)  # every process of it at once; reaped below, after the requests
-    wait_until_sync(lambda: http_status(f"{dead.url}/healthz") is None, timeout=5, what="the killed replica's port closed")
+    wait_until_sync(lambda: http_status(f"{dead.url}/healthz") is None, timeout=5,
+                    what="the killed replica's port closed")
 
     # At once, before haproxy's checks (every 2 s, two failures) can have noticed: the refused
     # connection is retried on the next replica of the ring (without redispatch: a 503).
