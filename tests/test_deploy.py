@@ -188,6 +188,43 @@ def test_promtool_checks_prometheus_config_and_alert_rules() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+# -- fleet: haproxy + replicas ----------------------------------------------------------
+
+
+def test_fleet_compose_gives_haproxy_the_replicas_it_names_each_with_its_own_cache() -> None:
+    fleet = DEPLOY / "fleet"
+    doc = load_yaml(fleet / "compose.yaml")
+    assert isinstance(doc, dict)
+    services = doc["services"]
+    servers = dict(re.findall(r"^\s*server (\S+) (\S+?):5000\s*$", (fleet / "haproxy.cfg").read_text(), re.MULTILINE))
+    assert servers and all(name == host for name, host in servers.items())
+    replicas = {name: services[name] for name in servers}
+    data_volumes = [next(v.split(":")[0] for v in r["volumes"] if v.endswith(":/var/lib/mirror"))
+                    for r in replicas.values()]
+    assert len(set(data_volumes)) == len(replicas), "each replica has its own data volume"
+    assert services["haproxy"]["ports"] == ["5000:5000"]
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            source, target, *_ = volume.split(":")
+            if source.startswith("."):
+                assert (fleet / source).exists(), f"{name}: {source} (mounted at {target}) does not exist"
+            else:
+                assert source in doc["volumes"], f"{name}: volume {source} is not declared"
+        if build := service.get("build"):
+            assert (fleet / build["context"] / build["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
+
+
+def test_haproxy_checks_the_fleet_config() -> None:
+    haproxy = require_binary("haproxy")
+    done = subprocess.run([haproxy, "-c", "-f", str(DEPLOY / "fleet" / "haproxy.cfg")],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # The replicas' names resolve only inside compose; anything else haproxy warns about is a mistake.
+    warnings = [line for line in done.stderr.splitlines()
+                if "WARNING" in line and "could not resolve address" not in line]
+    assert not warnings, warnings
+
+
 # -- Grafana dashboard --------------------------------------------------------------
 
 

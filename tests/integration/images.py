@@ -134,6 +134,15 @@ def put_manifest(upstream: UpstreamRegistry, repo: str, reference: str, media_ty
         return pusher.put_manifest(reference, media_type, body)
 
 
+def push_blob(upstream: UpstreamRegistry, repos: list[str], path: Path) -> Blob:
+    """Push the file at `path` as a blob of each of `repos` (no manifest refers to it); its descriptor."""
+    digest, size = sha256_file(path), path.stat().st_size
+    for repo in repos:
+        with _Pusher(upstream, repo) as pusher:
+            pusher.push_blob(path, digest, size)
+    return Blob(digest, size, "application/octet-stream")
+
+
 def delete_manifest(upstream: UpstreamRegistry, repo: str, digest: str) -> None:
     """Delete a manifest by digest upstream (its tags go with it), to simulate upstream deletion."""
     with _Pusher(upstream, repo) as pusher:

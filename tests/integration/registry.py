@@ -34,6 +34,7 @@ DEBIAN_PACKAGES = {
     "prometheus": "prometheus",
     "promtool": "prometheus",
     "systemd-analyze": "systemd",
+    "haproxy": "haproxy",
 }
 
 

@@ -1,0 +1,242 @@
+"""A fleet of three mirrors behind haproxy, with deploy/fleet/haproxy.cfg as shipped.
+
+Only the `bind` address and the `server` addresses of the file are rewritten for the test;
+everything else (hash key, consistent hashing, health checks, retries) is what deploys.
+Which replica answered a request is read from the replicas' access logs.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mirror.storage.secret import SECRET_FILE, data_dir_secret
+from tests.fakes.fault_proxy import FaultProxy
+from tests.integration.images import DOCKER_MANIFEST, OCI_MANIFEST, Blob, push_blob, push_image
+from tests.integration.mirror_process import MirrorProcess
+from tests.integration.process import http_status, stop, wait_ready
+from tests.integration.registry import UpstreamRegistry, free_port, random_repo, require_binary
+from tests.waiting import wait_until_sync
+
+pytestmark = pytest.mark.integration
+
+HAPROXY_CFG = Path(__file__).parents[2] / "deploy" / "fleet" / "haproxy.cfg"
+
+
+def render(config: str, listen: str, servers: dict[str, str]) -> str:
+    """`config` with its one `bind` address replaced by `listen` and each `server NAME ADDRESS`
+    pointed at `servers[NAME]`; fails if the file no longer has exactly those lines."""
+    config, binds = re.subn(r"^(\s*bind )\S+", rf"\g<1>{listen}", config, flags=re.MULTILINE)
+    named: list[str] = []
+
+    def address(m: re.Match[str]) -> str:
+        named.append(m[2])
+        return f"{m[1]}{servers[m[2]]}"
+
+    config = re.sub(r"^(\s*server (\S+) )\S+", address, config, flags=re.MULTILINE)
+    assert binds == 1 and sorted(named) == sorted(servers), f"{HAPROXY_CFG}: bind x{binds}, servers {named}"
+    return config
+
+
+class Fleet:
+    """haproxy on 127.0.0.1:`port` in front of `mirrors`, named mirror1..3 in the config."""
+
+    def __init__(self, workdir: Path, upstream_url: str) -> None:
+        self.mirrors = [MirrorProcess(workdir / f"mirror{i}", upstream_url) for i in (1, 2, 3)]
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config = workdir / "haproxy.cfg"
+        self.log = workdir / "haproxy.log"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = require_binary("haproxy")
+        # One data-directory secret for every replica, as compose.yaml provides: a token one
+        # replica issued is honoured by the others.
+        first = self.mirrors[0].data_dir
+        first.mkdir(parents=True)
+        data_dir_secret(first)
+        for mirror in self.mirrors[1:]:
+            mirror.data_dir.mkdir(parents=True)
+            shutil.copy(first / SECRET_FILE, mirror.data_dir / SECRET_FILE)
+        for mirror in self.mirrors:
+            mirror.start()
+        servers = {f"mirror{i}": m.host for i, m in enumerate(self.mirrors, 1)}
+        self.config.write_text(render(HAPROXY_CFG.read_text(), f"127.0.0.1:{self.port}", servers))
+        with self.log.open("ab") as log:
+            self._process = subprocess.Popen([binary, "-f", str(self.config), "-db"],
+                                             stdout=log, stderr=subprocess.STDOUT)
+        wait_ready(self._process, lambda: http_status(f"{self.url}/readyz") == 200, "haproxy", 10, self.log_tail)
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        stop(process)
+        for mirror in self.mirrors:
+            mirror.stop()
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
+
+    def served(self, target: str, expected: int) -> dict[int, int]:
+        """How many successful GETs of `target` (path and query) each replica (0, 1, 2) logged,
+        once `expected` of them are logged in all (a line is written after its response)."""
+        line = re.compile(rf" GET {re.escape(target)} 200 ")
+
+        def counts() -> dict[int, int]:
+            found = {i: len(line.findall(m.log.read_text(errors="replace"))) for i, m in enumerate(self.mirrors)}
+            return {i: n for i, n in found.items() if n}
+
+        return wait_until_sync(counts, check=lambda c: sum(c.values()) >= expected, timeout=10,
+                               what=f"{expected} GETs of {target} in the replicas' logs")
+
+    def owner(self, target: str) -> int:
+        """The one replica that has answered GETs of `target`."""
+        counts = self.served(target, 1)
+        assert len(counts) == 1, f"{target} was answered by several replicas: {counts}"
+        return next(iter(counts))
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, fault_proxy: FaultProxy) -> Iterator[Fleet]:
+    assert fault_proxy.url
+    fleet = Fleet(tmp_path, fault_proxy.url)
+    try:
+        fleet.start()
+        yield fleet
+    finally:
+        fleet.stop()
+
+
+def get_sha256(url: str, headers: dict[str, str] | None = None) -> str:
+    h = hashlib.sha256()
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=60) as resp:
+        while chunk := resp.read(1 << 20):
+            h.update(chunk)
+    return f"sha256:{h.hexdigest()}"
+
+
+def random_blob(upstream: UpstreamRegistry, repos: list[str], path: Path, size: int) -> Blob:
+    path.write_bytes(os.urandom(size))
+    return push_blob(upstream, repos, path)
+
+
+def blob_gets(upstream: UpstreamRegistry, digest: str) -> int:
+    """Successful upstream GETs of the blob, under any repository name."""
+    return upstream.count("GET", f"/blobs/{digest}", status=200)
+
+
+def test_concurrent_cold_gets_through_haproxy_make_one_upstream_get(
+    upstream: UpstreamRegistry, fault_proxy: FaultProxy, fleet: Fleet, repo: str, tmp_path: Path
+) -> None:
+    blob = random_blob(upstream, [repo], tmp_path / "big", 32 * 1024 * 1024 + 17)
+    target = f"/v2/{repo}/blobs/{blob.digest}"
+    fault_proxy.delay = 0.005  # ~2.5 s of streaming: the clients arrive while the owner fetches
+    with concurrent.futures.ThreadPoolExecutor(30) as pool:
+        digests = list(pool.map(get_sha256, [fleet.url + target] * 30))
+    assert digests == [blob.digest] * 30
+    assert blob_gets(upstream, blob.digest) == 1
+    counts = fleet.served(target, 30)
+    assert list(counts.values()) == [30], f"one replica answers every GET of a digest: {counts}"
+
+
+def test_a_digest_has_one_owner_whatever_repository_names_it(
+    upstream: UpstreamRegistry, fleet: Fleet, repo: str, tmp_path: Path
+) -> None:
+    other = random_repo()
+    blob = random_blob(upstream, [repo, other], tmp_path / "blob", 256 * 1024)
+    targets = [f"/v2/{repo}/blobs/{blob.digest}", f"/v2/docker.io/{other}/blobs/{blob.digest}",
+               f"/v2/{other}/blobs/{blob.digest}?ns=docker.io"]
+    for target in targets:
+        assert get_sha256(fleet.url + target) == blob.digest
+    owners = {fleet.owner(target) for target in targets}
+    assert len(owners) == 1, f"one digest, one replica: {owners}"
+    assert blob_gets(upstream, blob.digest) == 1, "a second repository name costs no second upstream GET"
+
+    # Asked directly, a replica that does not own the digest answers too, fetching it itself.
+    (owner,) = owners
+    bystander = fleet.mirrors[(owner + 1) % 3]
+    assert get_sha256(bystander.url + targets[0]) == blob.digest
+    assert blob_gets(upstream, blob.digest) == 2
+
+
+def test_a_manifest_by_tag_is_answered_by_one_replica_within_its_ttl(
+    upstream: UpstreamRegistry, fleet: Fleet, repo: str
+) -> None:
+    image = push_image(upstream, repo, "v1", layers=1)
+    target = f"/v2/{repo}/manifests/v1"
+    accept = {"Accept": f"{DOCKER_MANIFEST}, {OCI_MANIFEST}"}
+
+    def manifest_requests() -> list[str]:
+        return [f"{r.method} {r.path}" for r in upstream.requests() if r.path.startswith(f"/v2/{repo}/manifests/")]
+
+    seen: list[list[str]] = []
+    for _ in range(2):
+        with urllib.request.urlopen(urllib.request.Request(fleet.url + target, headers=accept), timeout=30) as resp:
+            assert resp.read() == image.manifest
+            assert resp.headers["Docker-Content-Digest"] == image.digest
+        seen.append(manifest_requests())
+    counts = fleet.served(target, 2)
+    assert list(counts.values()) == [2], f"the same replica answers a tag twice: {counts}"
+    assert sum(r.startswith("GET ") for r in seen[0]) == 1, seen[0]
+    assert seen[1] == seen[0], "within the tag's TTL the second answer costs no upstream request"
+
+
+def test_a_token_from_one_replica_is_honoured_by_the_others(
+    upstream: UpstreamRegistry, fleet: Fleet, repo: str, tmp_path: Path
+) -> None:
+    blobs = [random_blob(upstream, [repo], tmp_path / f"blob{i}", 4096 + i) for i in range(9)]
+    with urllib.request.urlopen(f"{fleet.url}/token?service=mirror&scope=repository:{repo}:pull", timeout=10) as resp:
+        token = json.loads(resp.read())["token"]
+    bearer = {"Authorization": f"Bearer {token}"}
+    for blob in blobs:
+        assert get_sha256(f"{fleet.url}/v2/{repo}/blobs/{blob.digest}", bearer) == blob.digest
+    owners = {fleet.owner(f"/v2/{repo}/blobs/{blob.digest}") for blob in blobs}
+    assert len(owners) > 1, "nine digests spread over the replicas"
+
+
+def test_a_killed_replicas_digests_are_served_by_the_others(
+    upstream: UpstreamRegistry, fleet: Fleet, repo: str, tmp_path: Path
+) -> None:
+    blobs = [random_blob(upstream, [repo], tmp_path / f"blob{i}", 64 * 1024 + i) for i in range(9)]
+    targets = {b.digest: f"/v2/{repo}/blobs/{b.digest}" for b in blobs}
+    for digest, target in targets.items():
+        assert get_sha256(fleet.url + target) == digest
+    owners = {digest: fleet.owner(target) for digest, target in targets.items()}
+    victim = max(range(3), key=list(owners.values()).count)
+    orphans = [digest for digest, owner in owners.items() if owner == victim]
+    dead = fleet.mirrors[victim]
+    os.killpg(dead.pid, signal.SIGKILL)  # every process of it at once; reaped below, after the requests
+    wait_until_sync(lambda: http_status(f"{dead.url}/healthz") is None, timeout=5,
+                    what="the killed replica's port closed")
+
+    # At once, before haproxy's checks (every 2 s, two failures) can have noticed: the refused
+    # connection is retried on the next replica of the ring (without redispatch: a 503).
+    for digest in orphans:
+        assert get_sha256(fleet.url + targets[digest]) == digest
+        counts = fleet.served(targets[digest], 2)
+        assert victim in counts and len(counts) == 2, f"{digest}: answered by {counts}, the dead replica {victim}"
+    dead.kill()
+
+    # Once haproxy's checks took it out of the ring, each digest has a new owner: the replica the
+    # retry went to, or (as the ring picks the nearest point either side while a retry walks one
+    # way) another one, which fetches it once more. From then on its cache answers.
+    down = re.compile(rf"Server replicas/mirror{victim + 1} is DOWN")
+    wait_until_sync(lambda: down.search(fleet.log.read_text(errors="replace")), timeout=15,
+                    what=f"haproxy marking mirror{victim + 1} down")
+    for digest in orphans:
+        assert get_sha256(fleet.url + targets[digest]) == digest
+    fetched = {digest: blob_gets(upstream, digest) for digest in orphans}
+    assert all(n in (2, 3) for n in fetched.values()), fetched
+    for digest in orphans:
+        assert get_sha256(fleet.url + targets[digest]) == digest
+    assert {digest: blob_gets(upstream, digest) for digest in orphans} == fetched
