@@ -20,6 +20,7 @@ import yaml
 
 from mirror import clientconfig
 from mirror import config as configuration
+from mirror.storage.secret import data_dir_secret
 from tests.conftest import Mirror
 from tests.integration.registry import require_binary
 
@@ -191,12 +192,21 @@ def test_promtool_checks_prometheus_config_and_alert_rules() -> None:
 # -- fleet: haproxy + replicas ----------------------------------------------------------
 
 
+def haproxy_servers() -> list[tuple[str, str, str]]:
+    """(name, environment variable, default host) of each `server` line of the fleet's haproxy.cfg."""
+    text = (DEPLOY / "fleet" / "haproxy.cfg").read_text()
+    lines = re.findall(r"^\s*server .*$", text, re.MULTILINE)
+    servers = re.findall(r'^\s*server (\S+) "\$\{(\w+)-([\w.-]+)\}:5000"\s*$', text, re.MULTILINE)
+    assert len(servers) == len(lines), lines
+    return servers
+
+
 def test_fleet_compose_gives_haproxy_the_replicas_it_names_each_with_its_own_cache() -> None:
     fleet = DEPLOY / "fleet"
     doc = load_yaml(fleet / "compose.yaml")
     assert isinstance(doc, dict)
     services = doc["services"]
-    servers = dict(re.findall(r"^\s*server (\S+) (\S+?):5000\s*$", (fleet / "haproxy.cfg").read_text(), re.MULTILINE))
+    servers = {name: default for name, _, default in haproxy_servers()}
     assert servers and all(name == host for name, host in servers.items())
     replicas = {name: services[name] for name in servers}
     data_volumes = [next(v.split(":")[0] for v in r["volumes"] if v.endswith(":/var/lib/mirror"))
@@ -329,6 +339,119 @@ def test_k8s_service_reaches_the_pods() -> None:
         service = objects[name]["spec"]
         assert service["selector"].items() <= pod_labels.items()
         assert [p["targetPort"] for p in service["ports"]] == ["http"]
+
+
+FLEET = DEPLOY / "fleet"
+
+
+def fleet_kustomization() -> dict:
+    doc = load_yaml(FLEET / "kustomization.yaml")
+    assert isinstance(doc, dict)
+    return doc
+
+
+def fleet_k8s_objects() -> dict[str, dict]:
+    objects = {}
+    for resource in fleet_kustomization()["resources"]:
+        for doc in yaml.safe_load_all((FLEET / resource).read_text()):
+            assert doc["apiVersion"] and doc["metadata"]["name"], resource
+            objects[f"{doc['kind']}/{doc['metadata']['name']}"] = doc
+    return objects
+
+
+def test_fleet_k8s_kustomization_lists_every_manifest_and_generates_haproxy_cfg() -> None:
+    kustomization = fleet_kustomization()
+    files = {f"k8s/{p.name}" for p in (FLEET / "k8s").glob("*.yaml")}
+    assert set(kustomization["resources"]) == files
+    (generator,) = kustomization["configMapGenerator"]
+    (source,) = generator["files"]
+    # the very file compose runs, not a copy; kustomize reads nothing above the kustomization's directory
+    assert (FLEET / source).resolve() == FLEET / "haproxy.cfg"
+    assert FLEET / source == (FLEET / source).resolve()
+    haproxy = fleet_k8s_objects()["Deployment/mirror-haproxy"]["spec"]["template"]
+    volumes = {v["name"]: v for v in haproxy["spec"]["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == generator["name"]
+    (container,) = haproxy["spec"]["containers"]
+    assert container["image"] == "haproxy:2.6"
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["config"] == "/usr/local/etc/haproxy"  # the image reads haproxy.cfg there
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": 5000}
+    assert re.search(r"^\s*bind :5000\b", (FLEET / "haproxy.cfg").read_text(), re.MULTILINE)
+
+
+def test_fleet_k8s_statefulset_has_three_replicas_with_their_own_volumes(tmp_path: Path) -> None:
+    objects = fleet_k8s_objects()
+    sts = objects["StatefulSet/mirror"]
+    assert sts["spec"]["replicas"] == len(haproxy_servers()) == 3
+    pod = sts["spec"]["template"]
+    assert sts["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    headless = objects[f"Service/{sts['spec']['serviceName']}"]["spec"]
+    assert headless["clusterIP"] == "None" and headless["selector"].items() <= pod["metadata"]["labels"].items()
+    (container,) = pod["spec"]["containers"]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"] and claim["spec"]["resources"]["requests"]["storage"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    config_map = objects[f"ConfigMap/{volumes['config']['configMap']['name']}"]
+    config_path = container["args"][container["args"].index("--config") + 1]
+    assert Path(config_path).parent == Path(mounts["config"])
+    cfg = load_mirror_toml(config_map["data"][Path(config_path).name], tmp_path)
+    assert cfg.server.data_dir == mounts[claim["metadata"]["name"]]
+    assert cfg.host_port[1] == 5000
+    assert pod["spec"]["terminationGracePeriodSeconds"] > cfg.server.shutdown_timeout
+    client = objects["Service/mirror-fleet"]["spec"]
+    haproxy_labels = objects["Deployment/mirror-haproxy"]["spec"]["template"]["metadata"]["labels"]
+    assert client["type"] == "ClusterIP" and client["selector"].items() <= haproxy_labels.items()
+    assert not client["selector"].items() <= pod["metadata"]["labels"].items(), "clients go through haproxy"
+
+
+def test_fleet_k8s_init_container_copies_the_shared_secret_once(tmp_path: Path) -> None:
+    """Runs the initContainer's script, its paths moved under tmp_path, as the pod would."""
+    pod = fleet_k8s_objects()["StatefulSet/mirror"]["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    (container,) = pod["containers"]
+    assert init["image"] == container["image"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
+    (secret_volume,) = [name for name, v in volumes.items() if "secret" in v]
+    assert volumes[secret_volume]["secret"]["secretName"] == "mirror-fleet-secret"
+    data_dir = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}["data"]
+    assert mounts["data"] == data_dir
+    assert init["command"][:2] == ["sh", "-c"]
+    script = init["command"][2]
+    fleet_dir, data = tmp_path / "fleet", tmp_path / "data"
+    fleet_dir.mkdir(), data.mkdir()
+    assert mounts[secret_volume] in script and data_dir in script
+    script = script.replace(mounts[secret_volume], str(fleet_dir)).replace(data_dir, str(data))
+    shared = bytes(range(32))
+    (fleet_dir / "secret").write_bytes(shared)
+    (fleet_dir / "secret").chmod(0o440)
+    for _ in range(2):  # the second start finds the copy and keeps it
+        subprocess.run(["sh", "-c", script], check=True, timeout=10)
+        assert data_dir_secret(data) == shared  # the mirror accepts it: 32 bytes, mode 0600
+        assert (data / "secret").stat().st_mode & 0o777 == 0o600
+        assert sorted(p.name for p in data.iterdir()) == ["secret"]
+    own = bytes(32)
+    (data / "secret").write_bytes(own)
+    subprocess.run(["sh", "-c", script], check=True, timeout=10)
+    assert (data / "secret").read_bytes() == own, "a replica's existing secret is never replaced"
+
+
+def test_fleet_k8s_haproxy_servers_are_the_statefulset_pods() -> None:
+    objects = fleet_k8s_objects()
+    sts = objects["StatefulSet/mirror"]
+    (container,) = objects["Deployment/mirror-haproxy"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    hosts = [env[variable]["value"] for _, variable, _ in haproxy_servers()]
+    pods = [f"{sts['metadata']['name']}-{i}.{sts['spec']['serviceName']}.$(POD_NAMESPACE).svc.cluster.local"
+            for i in range(sts["spec"]["replicas"])]
+    assert hosts == pods  # in order: every haproxy builds the same ring
+    names = [e["name"] for e in container["env"]]
+    assert names.index("POD_NAMESPACE") == 0  # defined before the values that refer to it
 
 
 # -- systemd ---------------------------------------------------------------------------
