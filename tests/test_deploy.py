@@ -279,8 +279,40 @@ def test_dashboard_has_the_panels_operators_decide_with() -> None:
     for wanted in ("hit ratio (requests)", "hit ratio (bytes)", "bytes served: cache vs upstream", "bytes saved",
                    "pulls saved", "upstream requests by status", "rate limit remaining", "stale",
                    "in-flight and coalesced", "cache size against its cap", "evictions", "latency p50 / p99",
-                   "digest mismatches"):
+                   "digest mismatches", "hit ratio per replica (requests)", "hit ratio per replica (bytes)",
+                   "bytes served per replica by source", "upstream fetches per replica", "replicas up",
+                   "cache size per replica"):
         assert wanted in titles, wanted
+
+
+def test_every_dashboard_series_is_filtered_by_the_instance_variable() -> None:
+    """All (`.*`) keeps every replica; a selection narrows every panel, the Fleet row's included."""
+    board = dashboard()
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    instance = variables["instance"]
+    assert instance["multi"] and instance["includeAll"] and instance["allValue"] == ".*"
+    for panel in all_panels(board["panels"]):
+        for target in panel.get("targets", []):
+            selectors = re.findall(r"\b(mirror_\w+|up)\b(\{[^}]*\})?", target["expr"])
+            assert selectors, panel["title"]
+            for name, matchers in selectors:
+                assert 'instance=~"$instance"' in matchers, f"{panel['title']}: {name}{matchers}"
+
+
+def test_dashboard_fleet_row_shows_each_replica_and_the_fleet() -> None:
+    panels = dashboard()["panels"]
+    row = panels[-1]
+    assert row["type"] == "row" and row["title"].startswith("Fleet") and row["collapsed"]
+    bottom = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in panels[:-1])
+    assert row["gridPos"]["y"] == bottom and all(p["gridPos"]["y"] > bottom for p in row["panels"])
+    by_title = {p["title"]: p for p in row["panels"]}
+    for title in ("Hit ratio per replica (requests)", "Hit ratio per replica (bytes)", "Upstream fetches per replica"):
+        per_replica, fleet = (t["expr"] for t in by_title[title]["targets"])
+        assert "sum by (instance)" in per_replica and "by (instance)" not in fleet, title
+        assert per_replica.replace("sum by (instance) ", "sum") == fleet, title
+    assert "once fleet-wide" in by_title["Upstream fetches per replica"]["description"]
+    (job,) = [c["job_name"] for c in load_yaml(DEPLOY / "prometheus.yml")["scrape_configs"]]
+    assert f'up{{job="{job}"' in by_title["Replicas up"]["targets"][0]["expr"]
 
 
 # -- Kubernetes -----------------------------------------------------------------------

@@ -2,6 +2,7 @@
 Prometheus scraping a real mirror, and names only metrics the mirror exports."""
 from __future__ import annotations
 
+import math
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -54,7 +55,7 @@ def test_every_dashboard_expression_runs_and_names_exported_metrics(
     prometheus.wait_scraped()
     pull_something(upstream, mirror_proc, repo)
     prometheus.wait_for('sum(mirror_requests_total{kind=~"manifest|blob"})', lambda v: v == 4, "requests")
-    exported = exported_series_names(mirror_proc)
+    exported = exported_series_names(mirror_proc) | PROMETHEUS_OWN
 
     exprs = dashboard_exprs()
     assert len(exprs) >= 20
@@ -76,6 +77,55 @@ def test_every_dashboard_expression_runs_and_names_exported_metrics(
     for title in ("Hit ratio (requests)", "Hit ratio (bytes)", "Request latency p50 / p99"):
         (expr, *_) = [e for t, e in exprs if t == title]
         assert prometheus.query(to_promql(expr, "1h")), title
+
+
+def test_fleet_row_shows_each_replica_and_the_fleet(
+    upstream: UpstreamRegistry, mirror_factory: Callable[..., MirrorProcess], repo: str,
+    prometheus_factory: Callable[[list[str]], Prometheus],
+) -> None:
+    """Two replicas scraped by one Prometheus: one pulls two images twice each (a miss, then a hit,
+    of a manifest and a blob), the other nothing. Each per-replica panel has a series per replica, and its
+    fleet series sums them."""
+    cap = 10**9
+    busy, idle = (mirror_factory(extra=f'\n[cache]\nmax_size = "{cap}B"\n') for _ in range(2))
+    prometheus = prometheus_factory([busy.host, idle.host])
+    prometheus.wait_for('count(mirror_requests_total{kind="blob",method="GET",result="hit"})', lambda v: v == 2,
+                        "both replicas scraped")
+    # upstream request series are born at their first request, which rate() cannot see: a second
+    # image after Prometheus has them makes the increase visible
+    pull_something(upstream, busy, repo)
+    prometheus.wait_for('count(mirror_upstream_requests_total{method="GET",kind="blob"})', lambda v: bool(v),
+                        "upstream series")
+    pull_something(upstream, busy, f"{repo}-2")
+    prometheus.wait_for('sum(mirror_requests_total{kind=~"manifest|blob"})', lambda v: v == 8, "requests")
+    prometheus.wait_for("count(mirror_cache_size_bytes > 0)", lambda v: v == 1, "cache size")
+    at = prometheus.last_scrape()
+
+    def results(title: str, now: bool = False) -> list[dict[str, float]]:
+        """Per target of the panel: value by instance ("" for the fleet's unlabelled series)."""
+        return [{r["metric"].get("instance", ""): float(r["value"][1])
+                 for r in prometheus.query(to_promql(e, "1h"), None if now else at)}
+                for t, e in dashboard_exprs() if t == title]
+
+    for title in ("Hit ratio per replica (requests)", "Hit ratio per replica (bytes)"):
+        per_replica, fleet = results(title)
+        assert per_replica[busy.host] == fleet[""] == pytest.approx(0.5), title
+        # the idle replica served nothing: no point (0/0 is NaN, or no series), a gap rather than 0
+        assert math.isnan(per_replica.get(idle.host, math.nan)), title
+    (served,) = [{(r["metric"]["instance"], r["metric"]["source"]) for r in prometheus.query(to_promql(e, "1h"), at)}
+                 for t, e in dashboard_exprs() if t == "Bytes served per replica by source"]
+    assert served == {(m.host, s) for m in (busy, idle) for s in ("cache", "upstream")}
+    per_replica, fleet = results("Upstream fetches per replica")
+    assert per_replica[busy.host] > 0 and per_replica.get(idle.host, 0) == 0
+    assert fleet[""] == pytest.approx(sum(per_replica.values()))
+    assert results("Replicas up") == [{"": 2}, {"": 2}]
+    sizes, caps = results("Cache size per replica")
+    assert sizes[busy.host] > 0 and sizes[idle.host] == 0 and caps == {busy.host: cap, idle.host: cap}
+
+    idle.stop()
+    prometheus.wait_for('sum(up{job="mirror"})', lambda v: v == 1, "one replica down")
+    up, scraped = results("Replicas up", now=True)
+    assert up == {"": 1} and scraped == {"": 2}
 
 
 def test_alert_rules_name_exported_metrics(
