@@ -336,6 +336,28 @@ def test_k8s_kustomization_lists_every_manifest() -> None:
     assert set(kustomization["resources"]) == files
 
 
+def check_mirror_pod(sts: dict, objects: dict, tmp_path: Path):  # type: ignore[no-untyped-def,type-arg]
+    """The checks every mirror StatefulSet passes (probes, non-root, its own claim, a config its
+    container reads, whose data directory is the claim and whose shutdown fits the grace period);
+    its mirror configuration."""
+    pod = sts["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["resources"]["requests"]["storage"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    config_map = objects[f"ConfigMap/{volumes['config']['configMap']['name']}"]
+    config_path = container["args"][container["args"].index("--config") + 1]
+    assert Path(config_path).parent == Path(mounts["config"])
+    cfg = load_mirror_toml(config_map["data"][Path(config_path).name], tmp_path)
+    assert cfg.server.data_dir == mounts[claim["metadata"]["name"]]
+    assert pod["spec"]["terminationGracePeriodSeconds"] > cfg.server.shutdown_timeout
+    return cfg
+
+
 def test_k8s_statefulset_probes_storage_scraping_resources(tmp_path: Path) -> None:
     objects = k8s_objects()
     sts = objects["StatefulSet/mirror"]
@@ -347,21 +369,9 @@ def test_k8s_statefulset_probes_storage_scraping_resources(tmp_path: Path) -> No
     (container,) = pod["spec"]["containers"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert annotations["prometheus.io/port"] == str(ports["http"]) == "5000"
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert container["resources"]["requests"]["cpu"] and container["resources"]["requests"]["memory"]
-    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
-    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    (claim,) = sts["spec"]["volumeClaimTemplates"]
-    assert claim["spec"]["resources"]["requests"]["storage"]
-    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
-    config_map = objects[f"ConfigMap/{volumes['config']['configMap']['name']}"]
-    config_path = container["args"][container["args"].index("--config") + 1]
-    assert Path(config_path).parent == Path(mounts["config"])
-    cfg = load_mirror_toml(config_map["data"][Path(config_path).name], tmp_path)
-    assert cfg.server.data_dir == mounts[claim["metadata"]["name"]]
+    cfg = check_mirror_pod(sts, objects, tmp_path)
     assert cfg.host_port[1] == ports["http"]
-    assert sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > cfg.server.shutdown_timeout
 
 
 def test_k8s_service_reaches_the_pods() -> None:
@@ -419,21 +429,10 @@ def test_fleet_k8s_statefulset_has_three_replicas_with_their_own_volumes(tmp_pat
     assert sts["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     headless = objects[f"Service/{sts['spec']['serviceName']}"]["spec"]
     assert headless["clusterIP"] == "None" and headless["selector"].items() <= pod["metadata"]["labels"].items()
-    (container,) = pod["spec"]["containers"]
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
-    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
     (claim,) = sts["spec"]["volumeClaimTemplates"]
-    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"] and claim["spec"]["resources"]["requests"]["storage"]
-    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
-    config_map = objects[f"ConfigMap/{volumes['config']['configMap']['name']}"]
-    config_path = container["args"][container["args"].index("--config") + 1]
-    assert Path(config_path).parent == Path(mounts["config"])
-    cfg = load_mirror_toml(config_map["data"][Path(config_path).name], tmp_path)
-    assert cfg.server.data_dir == mounts[claim["metadata"]["name"]]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    cfg = check_mirror_pod(sts, objects, tmp_path)
     assert cfg.host_port[1] == 5000
-    assert pod["spec"]["terminationGracePeriodSeconds"] > cfg.server.shutdown_timeout
     client = objects["Service/mirror-fleet"]["spec"]
     haproxy_labels = objects["Deployment/mirror-haproxy"]["spec"]["template"]["metadata"]["labels"]
     assert client["type"] == "ClusterIP" and client["selector"].items() <= haproxy_labels.items()
