@@ -18,7 +18,7 @@ from tests.integration.clients import (  # noqa: F401  (fixtures)
     pull_client,
     skopeo_client,
 )
-from tests.integration.mirror_process import MirrorProcess
+from tests.integration.mirror_process import MirrorProcess, mirrors
 from tests.integration.prometheus import prometheus_factory  # noqa: F401  (fixture)
 from tests.integration.registry import UpstreamRegistry, random_repo, registry_behind
 from tests.integration.s3 import S3Gateway, s3_gateway
@@ -64,18 +64,9 @@ def fault_proxy(upstream: UpstreamRegistry) -> Iterator[FaultProxy]:
 @pytest.fixture
 def mirror_factory(tmp_path: Path, fault_proxy: FaultProxy) -> Iterator[Callable[..., MirrorProcess]]:
     """Start mirrors (subprocesses) whose docker.io upstream is the real registry, via the fault proxy."""
-    started: list[MirrorProcess] = []
-
-    def start(**settings: str) -> MirrorProcess:
-        assert fault_proxy.url
-        proc = MirrorProcess(tmp_path / f"mirror{len(started)}", fault_proxy.url, **settings)
-        started.append(proc)
-        proc.start()
-        return proc
-
-    yield start
-    for proc in started:
-        proc.stop()
+    assert fault_proxy.url
+    with mirrors(tmp_path, fault_proxy.url) as start:
+        yield start
 
 
 @pytest.fixture

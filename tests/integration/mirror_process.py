@@ -8,7 +8,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -116,3 +118,22 @@ def _wait_group_gone(pgid: int, timeout: float = 20.0) -> None:
         time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def mirrors(workdir: Path, upstream_url: str) -> Iterator[Callable[..., MirrorProcess]]:
+    """`start(**settings)` runs a mirror (settings as MirrorProcess takes them) whose docker.io
+    upstream is `upstream_url`, each in its own directory under `workdir`; all stopped on exit."""
+    started: list[MirrorProcess] = []
+
+    def start(**settings: Any) -> MirrorProcess:
+        proc = MirrorProcess(workdir / f"mirror{len(started)}", upstream_url, **settings)
+        started.append(proc)
+        proc.start()
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            proc.stop()

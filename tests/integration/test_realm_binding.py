@@ -14,7 +14,7 @@ import pytest
 from tests.fakes.token_server import ANONYMOUS, TokenServer
 from tests.integration.clients import ClientError, Skopeo
 from tests.integration.images import push_image
-from tests.integration.mirror_process import MirrorProcess
+from tests.integration.mirror_process import MirrorProcess, mirrors
 from tests.integration.registry import UpstreamRegistry, random_repo, registry_behind
 
 pytestmark = pytest.mark.integration
@@ -33,17 +33,8 @@ def foreign_realm_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 @pytest.fixture
 def mirror_at(tmp_path: Path, foreign_realm_registry: UpstreamRegistry) -> Iterator[Callable[[str], MirrorProcess]]:
-    started: list[MirrorProcess] = []
-
-    def start(extra: str = "") -> MirrorProcess:
-        proc = MirrorProcess(tmp_path / f"mirror{len(started)}", foreign_realm_registry.url, extra=extra)
-        started.append(proc)
-        proc.start()
-        return proc
-
-    yield start
-    for proc in started:
-        proc.stop()
+    with mirrors(tmp_path, foreign_realm_registry.url) as start:
+        yield lambda extra: start(extra=extra)
 
 
 def credentialed(server: TokenServer) -> set[str]:
