@@ -13,7 +13,7 @@ from tests.byteranges import parse_byteranges
 from tests.integration.images import push_image
 from tests.integration.mirror_process import MirrorProcess
 from tests.integration.registry import UpstreamRegistry
-from tests.integration.test_workers import get, many, served_by, wait_for_workers
+from tests.integration.test_workers import get, many, wait_served_by_both, wait_for_workers
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -49,5 +49,5 @@ def test_podman_table_of_contents_ranges_on_a_miss_and_on_a_hit(
     _check(warm, layer, want)
     assert {h["X-Mirror-Cache"] for _, h, _ in warm} == {"hit"}
     assert {next(v for k, v in h.items() if k.lower() == "etag") for _, h, _ in cold + warm} == {f'"{big.digest}"'}
-    assert served_by(mirror, big.digest) == {0, 1}
+    wait_served_by_both(mirror, big.digest)
     assert upstream.count("GET", f"/blobs/{big.digest}", status=200) == 1
