@@ -28,10 +28,12 @@ from mirror.proxy.catalog import CatalogService
 from mirror.proxy.inflight import Inflight
 from mirror.proxy.manifests import ManifestService
 from mirror.proxy.referrers import ReferrersService
+from mirror.proxy.shared import SharedContent
 from mirror.proxy.tags import TagListService
 from mirror.proxy.token_realm import TokenService
 from mirror.routing import Router
 from mirror.server import error_middleware
+from mirror.storage.bucket import Bucket
 from mirror.storage.filestore import FileStore
 from mirror.storage.lock import DataDirLock
 from mirror.storage.metadata import Metadata
@@ -65,10 +67,15 @@ class Parts:
     evictor: Evictor
     admin: CacheAdmin
     link: PrimaryLink | None  # a secondary worker's way to the primary
+    shared: SharedContent | None  # the fleet's bucket (storage.backend "s3"), in the process that fetches
 
     async def open(self) -> None:
-        """Open the database (SchemaTooNew if a newer mirror wrote it)."""
+        """Open the database (SchemaTooNew if a newer mirror wrote it), and the bucket, checked
+        for reads and writes (BucketError if it cannot be used)."""
         await self.metadata.open()
+        if self.shared is not None:
+            await self.shared.bucket.open()
+            await self.shared.bucket.check()
 
     async def close(self) -> None:
         """Stop background revalidations and fetches, then close connections and the database."""
@@ -76,6 +83,9 @@ class Parts:
                               self.services.tags.background, self.services.referrers.background):
             await revalidations.close()
         await self.inflight.close()
+        if self.shared is not None:
+            await self.shared.close()
+            await self.shared.bucket.close()
         for upstream in self.upstreams.values():
             await upstream.close()
         if self.link is not None:
@@ -97,6 +107,10 @@ def build(config: Config, clock: Callable[[], float] = time.time, role: WorkerRo
     secret = data_dir_secret(data_dir)  # the same in every worker and after every restart
     fingerprints = Fingerprinter(derive(secret, "fingerprint"))
     store = FileStore(data_dir)
+    shared = None
+    if config.storage.backend == "s3" and not secondary:  # a secondary hands what it lacks to the primary
+        s3 = config.storage.s3
+        shared = SharedContent(Bucket(s3, metrics), store, metrics, s3.redirect, s3.redirect_ttl, clock)
     # stored bytes and bytes being fetched wake eviction as they cross the cap (storage knows no cache)
     metadata = Metadata(data_dir / "index.db", on_grown=lambda: evictor.stored())
     upstream_tokens = TokenCache(clock)
@@ -104,13 +118,14 @@ def build(config: Config, clock: Callable[[], float] = time.time, role: WorkerRo
     upstreams = {name: Upstream(cfg, upstream_tokens, limits, metrics, fingerprints, local_only=secondary)
                  for name, cfg in config.upstreams.items()}
     inflight = Inflight(store, metrics, on_disk_full=lambda: evictor.wake(), local_only=secondary,
-                        on_written=lambda: evictor.written(), room=lambda size: evictor.room(size))
+                        on_written=lambda: evictor.written(), room=lambda size: evictor.room(size),
+                        publish=shared.publish if shared else None)
     access = AccessPolicy(metadata, clock)
     router = Router(upstreams, config.server.default_upstream)
     services = routes.Services(
         router=router,
-        manifests=ManifestService(store, metadata, access, metrics, clock),
-        blobs=BlobService(store, metadata, inflight, access, clock),
+        manifests=ManifestService(store, metadata, access, metrics, clock, shared),
+        blobs=BlobService(store, metadata, inflight, access, clock, shared),
         tags=TagListService(clock),
         referrers=ReferrersService(access, clock),
         catalog=CatalogService(metadata, router),
@@ -124,7 +139,8 @@ def build(config: Config, clock: Callable[[], float] = time.time, role: WorkerRo
     admin = CacheAdmin(store, metadata, router, evictor, cap, clock, inflight.temp_files,
                        lambda: hit_ratio(metrics))
     link = PrimaryLink(role.primary_socket, role.index, store) if secondary and role else None
-    return Parts(data_dir, metrics, store, metadata, upstreams, inflight, access, services, evictor, admin, link)
+    return Parts(data_dir, metrics, store, metadata, upstreams, inflight, access, services, evictor, admin, link,
+                 shared)
 
 
 def make_app(config: Config, clock: Callable[[], float] = time.time, role: WorkerRole | None = None) -> web.Application:

@@ -15,6 +15,7 @@ from mirror.observe import ACCESS_LOGGER, AccessLogger, setup_logging
 from mirror.app import make_app
 from mirror.storage.lock import DataDirBusy
 from mirror.storage.metadata import SchemaTooNew
+from mirror.storage.bucket import BucketError
 from mirror.storage.secret import SecretError
 from mirror.workers import supervisor
 
@@ -140,7 +141,7 @@ def _serve(path: str | None, listen: str | None, data_dir: str | None) -> int:
             access_log=logging.getLogger(ACCESS_LOGGER),
             shutdown_timeout=cfg.server.shutdown_timeout,
         ))
-    except (SchemaTooNew, DataDirBusy, SecretError, adminsocket.AdminSocketError) as exc:
+    except (SchemaTooNew, DataDirBusy, SecretError, BucketError, adminsocket.AdminSocketError) as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except OSError as exc:

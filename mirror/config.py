@@ -87,9 +87,36 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class S3Config:
+    """Where a fleet's shared content lives: a bucket of an S3-compatible store (see mirror.storage.bucket)."""
+
+    bucket: str = ""
+    endpoint_url: str = ""  # empty: AWS's endpoint for `region`
+    region: str = "us-east-1"
+    prefix: str = ""  # keys start with it ("" or ending in "/")
+    addressing_style: str = "path"  # "path" (MinIO, Ceph, most gateways) or "virtual" or "auto"
+    access_key_id: str | None = None  # neither key set: botocore's chain (AWS_* variables, profile, role)
+    secret_access_key: str | None = None
+    access_key_id_file: str | None = None
+    secret_access_key_file: str | None = None
+    redirect: bool = False  # send clients a presigned URL of a stored blob instead of its bytes
+    redirect_ttl: float = 1200.0  # how long such a URL works (distribution's default, 20 minutes)
+    max_size: str = ""  # evict the bucket's least recently used content beyond this (empty: never)
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    backend: str = "filesystem"  # or "s3": content shared in a bucket, the data directory its local copy
+    s3: S3Config = field(default_factory=S3Config)
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     upstreams: Mapping[str, UpstreamConfig] = field(
         default_factory=lambda: {n: UpstreamConfig(n, u) for n, u in DEFAULT_UPSTREAMS.items()}
     )
@@ -105,6 +132,9 @@ _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?", re.IGNORECASE)
 _TOKEN_RE = re.compile(r"[\x21-\x7e]+")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _LOG_FORMATS = ("plain", "json")
+_BACKENDS = ("filesystem", "s3")
+_ADDRESSING_STYLES = ("path", "virtual", "auto")
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's bucket naming rules, in short
 
 
 def parse_duration(value: object) -> float:
@@ -279,6 +309,33 @@ def _upstream(table: Mapping[str, Any], source: str, name: str) -> UpstreamConfi
     return up
 
 
+def _storage(raw: Mapping[str, Any], source: str) -> StorageConfig:
+    """The storage section, with the s3 table's keys read from their files and checked together."""
+    table = dict(raw)
+    s3_raw = table.pop("s3", {})
+    if not isinstance(s3_raw, dict):
+        raise ConfigError(source, "storage.s3", "expected a table")
+    storage: StorageConfig = _build(StorageConfig, table, source, "storage", s3=S3Config())
+    s3: S3Config = _build(S3Config, s3_raw, source, "storage.s3")
+    for name in ("access_key_id", "secret_access_key"):
+        key_file = getattr(s3, f"{name}_file")
+        if key_file is None:
+            continue
+        if getattr(s3, name) is not None:
+            raise ConfigError(source, f"storage.s3.{name}_file", f"set {name} or {name}_file, not both")
+        try:
+            s3 = replace(s3, **{name: Path(key_file).read_text().strip()})
+        except OSError as exc:
+            raise ConfigError(source, f"storage.s3.{name}_file", f"cannot read {key_file}: {exc.strerror}") from None
+    if (s3.access_key_id is None) != (s3.secret_access_key is None):
+        raise ConfigError(source, "storage.s3.access_key_id", "set both keys (or neither, for the AWS_* variables)")
+    if s3.max_size and parse_size(s3.max_size)[0] is None:
+        raise ConfigError(source, "storage.s3.max_size", f"expected a size like 2TiB (a bucket has no disk to take a share of), got {s3.max_size!r}")
+    if storage.backend == "s3" and not s3.bucket:
+        raise ConfigError(source, "storage.s3.bucket", 'missing: backend "s3" needs a bucket (e.g. bucket = "mirror")')
+    return replace(storage, s3=s3)
+
+
 def _convert(key: str, value: Any) -> Any:
     if key.endswith("ttl") or key.endswith("timeout"):
         return parse_duration(value)
@@ -289,6 +346,16 @@ def _convert(key: str, value: Any) -> Any:
     if key == "max_size":
         parse_size(str(value))
         return str(value)
+    if key == "backend" and value not in _BACKENDS:
+        raise ValueError(f"expected one of {', '.join(_BACKENDS)}, got {value!r}")
+    if key == "addressing_style" and value not in _ADDRESSING_STYLES:
+        raise ValueError(f"expected one of {', '.join(_ADDRESSING_STYLES)}, got {value!r}")
+    if key == "bucket" and not (isinstance(value, str) and _BUCKET_RE.fullmatch(value)):
+        raise ValueError(f"expected a bucket name (3 to 63 of a-z, 0-9, '.', '-'), got {value!r}")
+    if key == "prefix" and not (isinstance(value, str) and (value == "" or (value.endswith("/") and not value.startswith("/")))):
+        raise ValueError(f'expected "" or a key prefix ending in "/" (and not starting with one), like "mirror/", got {value!r}')
+    if key == "endpoint_url" and value != "":
+        return _check_url(value)
     if key == "log_level" and str(value).lower() not in _LOG_LEVELS:
         raise ValueError(f"expected one of {', '.join(_LOG_LEVELS)}, got {value!r}")
     if key == "log_format" and value not in _LOG_FORMATS:
@@ -327,20 +394,25 @@ def load(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(path, "-", f"not valid TOML: {exc}") from None
     for key in raw:
-        if key not in ("server", "cache", "upstreams"):
-            raise ConfigError(source, key, "unknown section (known: server, cache, upstreams)")
+        if key not in ("server", "cache", "storage", "upstreams"):
+            raise ConfigError(source, key, "unknown section (known: server, cache, storage, upstreams)")
         if not isinstance(raw[key], dict):
             raise ConfigError(source, key, "expected a table")
     server_raw = dict(raw.get("server", {}))
     cache_raw = dict(raw.get("cache", {}))
+    storage_raw = dict(raw.get("storage", {}))
+    s3_raw = storage_raw["s3"] = dict(storage_raw.get("s3", {})) if isinstance(storage_raw.get("s3", {}), dict) \
+        else storage_raw["s3"]
     origins: dict[str, str] = {}  # "section.key" → where the value came from, when not the file
     for name, value in (env if env is not None else os.environ).items():
-        for section, target in (("SERVER", server_raw), ("CACHE", cache_raw)):
+        for section, target in (("SERVER", server_raw), ("CACHE", cache_raw), ("STORAGE_S3", s3_raw),
+                                ("STORAGE", storage_raw)):
             prefix = f"MIRROR_{section}_"
             if name.startswith(prefix):
                 key = name[len(prefix):].lower()
                 target[key] = value
-                origins[f"{section.lower()}.{key}"] = f"environment {name}"
+                origins[f"{section.lower().replace('_', '.')}.{key}"] = f"environment {name}"
+                break
     for key, value in (overrides or {}).items():
         server_raw[key] = value
         origins[f"server.{key}"] = f"command line --{key.replace('_', '-')}"
@@ -358,6 +430,12 @@ def load(
         key = "server.tls_key" if server.tls_cert and not server.tls_key else "server.tls_cert"
         raise ConfigError(origins.get(key, source), key, problem)
     cache = section(CacheConfig, cache_raw, "cache")
+    try:
+        storage = _storage(storage_raw, source)
+    except ConfigError as exc:
+        if exc.key in origins:
+            raise ConfigError(origins[exc.key], exc.key, exc.reason) from None
+        raise
     upstreams = Config().upstreams
     if "upstreams" in raw:
         upstreams = {}
@@ -370,4 +448,4 @@ def load(
             origins.get("server.default_upstream", source), "server.default_upstream",
             f"{server.default_upstream!r} is not a configured upstream (configured: {', '.join(upstreams)})",
         )
-    return Config(server=server, cache=cache, upstreams=upstreams)
+    return Config(server=server, cache=cache, storage=storage, upstreams=upstreams)

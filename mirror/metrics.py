@@ -86,6 +86,19 @@ class Metrics:
             "mirror_evictions", "Content objects removed from the cache to stay under its size cap", registry=r)
         self.evicted_bytes = Counter(
             "mirror_evicted_bytes", "Bytes removed from the cache to stay under its size cap", registry=r)
+        self.bucket_requests = Counter(
+            "mirror_bucket_requests", "Requests to the shared bucket (storage.backend s3), by operation and outcome "
+            "(ok, absent, error)", ["op", "outcome"], registry=r)
+        self.bucket_request_duration = Histogram(
+            "mirror_bucket_request_duration_seconds", "Time the shared bucket took to answer (to headers for GET)",
+            ["op"], registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.bucket_bytes = Counter(
+            "mirror_bucket_bytes", "Content bytes moved to (up) and from (down) the shared bucket",
+            ["direction"], registry=r)
+        self.bucket_discarded = Counter(
+            "mirror_bucket_discarded", "Objects in the shared bucket whose bytes did not match their digest (deleted)",
+            registry=r)
         self.client_disconnects = Counter(
             "mirror_client_disconnects", "Clients that closed their connection before their answer was whole "
             "(normal: a cancelled pull or a client-side timeout), by request kind",

@@ -102,7 +102,10 @@ async def blob(request: web.Request) -> web.StreamResponse:
     _read_only(request)
     upstream, repo, principal = _target(request)
     digest = parse_digest(request.match_info["digest"])
-    answer = await _services(request).blobs.get(upstream, repo, digest, principal, head=request.method == "HEAD")
+    # one range at most: S3-compatible stores answer a multi-range GET with the whole object
+    redirectable = request.method == "GET" and "," not in request.headers.get("Range", "")
+    answer = await _services(request).blobs.get(upstream, repo, digest, principal, head=request.method == "HEAD",
+                                                redirectable=redirectable)
     request[RESULT] = answer.result
     response = await blob_responses.respond(request, answer)
     _count_hit(request, upstream, repo)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +14,7 @@ from mirror.app import make_app
 from mirror.config import CacheConfig, Config, ServerConfig, UpstreamConfig
 from mirror.routes import SERVICES, Services
 from tests.fakes.registry import FakeRegistry
+from tests.integration.s3 import S3Gateway, s3_gateway
 
 TAG_TTL = 600.0
 
@@ -45,6 +46,13 @@ class Mirror:
     async def settled(self) -> None:
         """Wait until fetches have stored what they fetched (clients may finish before that)."""
         await self.services.blobs.inflight.idle()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Gateway]:
+    """One S3 gateway (JuiceFS) for the whole run: tests stay independent by using fresh key prefixes."""
+    with s3_gateway(tmp_path_factory.mktemp("s3")) as gateway:
+        yield gateway
 
 
 @pytest.fixture

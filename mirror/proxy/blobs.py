@@ -28,6 +28,7 @@ from cachetools import LRUCache
 from mirror.errors import RegistryError
 from mirror.proxy.access import AccessPolicy, Principal
 from mirror.proxy.inflight import Fetch, FetchFailed, Inflight
+from mirror.proxy.shared import SharedContent
 from mirror.storage.metadata import Metadata
 from mirror.storage.sizes import descriptor_size
 from mirror.storage.store import ContentStore
@@ -75,8 +76,23 @@ class BlobFetch:
 
 
 @dataclass(frozen=True, slots=True)
+class BlobRedirect:
+    """A blob the fleet's bucket holds, of `size` bytes, for the client to fetch from `url`
+    (presigned, short-lived: `[storage.s3] redirect`)."""
+
+    digest: str
+    size: int
+    url: str
+    result: str = "hit"
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(frozen=True, slots=True)
 class BlobHead:
-    """A HEAD of a blob the cache lacks: upstream has it, of `size` bytes (None: not known)."""
+    """A HEAD of a blob the cache lacks: upstream (or the fleet's bucket) has it, of `size` bytes
+    (None: not known)."""
 
     digest: str
     size: int | None
@@ -86,7 +102,7 @@ class BlobHead:
         pass
 
 
-BlobAnswer = BlobHit | BlobFetch | BlobHead
+BlobAnswer = BlobHit | BlobFetch | BlobHead | BlobRedirect
 
 
 def _hashes_to(file: BinaryIO, digest: str) -> bool:
@@ -102,9 +118,11 @@ def _hashes_to(file: BinaryIO, digest: str) -> bool:
 class BlobService:
     def __init__(
         self, store: ContentStore, metadata: Metadata, inflight: Inflight, access: AccessPolicy,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.time, shared: SharedContent | None = None,
     ) -> None:
+        """`shared`: the fleet's bucket, asked for what this replica lacks, and published to."""
         self.store = store
+        self.shared = shared
         self.metadata = metadata
         self.inflight = inflight
         self.access = access
@@ -112,8 +130,10 @@ class BlobService:
         # (upstream, repository, digest) of content stored as a manifest that upstream serves as a blob there
         self._served_as_blob: LRUCache[tuple[str, str, str], bool] = LRUCache(10_000)
 
-    async def get(self, upstream: Upstream, repo: str, digest: str, principal: Principal, head: bool) -> BlobAnswer:
-        """The blob `digest` of `repo` for `principal`, for a GET or (`head`) a HEAD.
+    async def get(self, upstream: Upstream, repo: str, digest: str, principal: Principal, head: bool,
+                  redirectable: bool = False) -> BlobAnswer:
+        """The blob `digest` of `repo` for `principal`, for a GET or (`head`) a HEAD; a BlobRedirect
+        only if `redirectable` (a GET of the whole blob or of one range) and redirects are configured.
 
         The caller owns the answer and must `close` it. Raises RegistryError: the access
         check's 401/403, BLOB_UNKNOWN (404) and upstream's other refusals as
@@ -130,8 +150,17 @@ class BlobService:
                 await self._a_blob_there(upstream, repo, digest, principal, file)
                 await self._linked(upstream, repo, digest, principal)
                 self.metadata.content.touch((digest,), self.clock())
-                hit, file = BlobHit(digest, os.fstat(file.fileno()).st_size, file), None
+                size = os.fstat(file.fileno()).st_size
+                if self.shared is not None:
+                    self.shared.used(digest)
+                    if redirectable and self.shared.redirect and await self.shared.size(digest) is not None:
+                        return BlobRedirect(digest, size, await self.shared.url(digest))
+                hit, file = BlobHit(digest, size, file), None
                 return hit
+            if fetch is None and self.shared is not None:
+                shared = await self._from_shared(upstream, repo, digest, principal, head, redirectable)
+                if shared is not None:
+                    return shared
             if fetch is not None or not principal.fetches_as_itself:
                 await self._allow(upstream, repo, digest, principal)
             if fetch is None:
@@ -159,6 +188,31 @@ class BlobService:
                 file.close()
             if fetch is not None:
                 fetch.leave()
+
+    async def _from_shared(self, upstream: Upstream, repo: str, digest: str, principal: Principal, head: bool,
+                           redirectable: bool) -> BlobAnswer | None:
+        """What another replica stored in the bucket, after the same checks as a hit (access, and
+        upstream's link: this replica has no row for it); None if the bucket lacks it."""
+        assert self.shared is not None
+        size = await self.shared.size(digest)
+        if size is None:
+            return None
+        await self._allow(upstream, repo, digest, principal)
+        await self._linked(upstream, repo, digest, principal)
+        if head:
+            return BlobHead(digest, size, "hit")
+        if redirectable and self.shared.redirect:
+            return BlobRedirect(digest, size, await self.shared.url(digest))
+        self.shared.used(digest)
+        shared = self.shared
+        fetch = self.inflight.join(digest) or self.inflight.fill(
+            digest, upstream.name, repo, lambda: shared.download(digest), self._stored, lambda: shared.discard(digest))
+        try:
+            await fetch.wait_started()
+        except BaseException:
+            fetch.leave()
+            raise
+        return BlobFetch(fetch, "hit")
 
     def _open(self, digest: str) -> BinaryIO | None:
         """The stored blob, open for reading; None if it is not stored (or was just evicted)."""

@@ -21,6 +21,7 @@ import aiohttp
 
 from mirror.errors import NeedsPrimary
 from mirror.metrics import Metrics
+from mirror.storage.bucket import BucketError
 from mirror.storage.store import BlobWriter, ContentStore, DigestMismatch
 from mirror.upstream.client import Upstream
 from mirror.upstream.credentials import Credentials
@@ -186,6 +187,18 @@ class Fetch:
 
 OnStored = Callable[[Fetch], Awaitable[None]]
 SizeOf = Callable[[], Awaitable[int | None]]
+Download = Callable[[], Awaitable[aiohttp.ClientResponse]]
+Publish = Callable[[str, int], Awaitable[None]]
+
+
+class Source(NamedTuple):
+    """Where a fetch reads from: upstream `name`, or the shared tier (`shared`, named "bucket")."""
+
+    name: str
+    open: Download
+    size_of: SizeOf | None
+    shared: bool
+    on_mismatch: Callable[[], Awaitable[None]] | None = None
 
 
 class Inflight:
@@ -194,17 +207,20 @@ class Inflight:
     def __init__(
         self, store: ContentStore, metrics: Metrics, on_disk_full: Callable[[], None] = lambda: None,
         local_only: bool = False, on_written: Callable[[], None] = lambda: None,
-        room: Callable[[int], AbstractAsyncContextManager[None]] | None = None,
+        room: Callable[[int], AbstractAsyncContextManager[None]] | None = None, publish: Publish | None = None,
     ) -> None:
         """`on_written` is called after every batch written to a temp file (cheap, synchronous);
         `room(size)` is entered before a verified blob is moved into the store and left once its
-        row is written: it makes room for `size` bytes and holds it until they count as stored."""
+        row is written: it makes room for `size` bytes and holds it until they count as stored.
+        `publish(digest, size)` shares a blob fetched from upstream once it is stored (a fleet's
+        bucket); it logs its own failures: the blob is cached here whatever becomes of it."""
         self._store = store
         self._local_only = local_only  # in a secondary worker: fetches happen in the primary
         self._metrics = metrics
         self._on_disk_full = on_disk_full
         self._on_written = on_written
         self._room = room or (lambda _size: contextlib.nullcontext())
+        self._publish = publish
         self._fetches: dict[str, Fetch] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -225,16 +241,30 @@ class Inflight:
         self, upstream: Upstream, repo: str, digest: str, creds: Credentials | None, on_stored: OnStored,
         size_of: SizeOf | None = None,
     ) -> Fetch:
-        """Start the fetch for `digest` as `creds` (the caller checked none is running) and join it.
+        """Start the fetch for `digest` from upstream as `creds` (the caller checked none is running)
+        and join it.
 
         `size_of` is asked for the blob's size if upstream sends it without Content-Length:
-        readers then still get a length, and the bytes are checked against it.
+        readers then still get a length, and the bytes are checked against it. Once stored, the
+        blob is published to the shared tier, if there is one.
         """
+        return self._start(digest, upstream.name, repo, Source(
+            upstream.name, lambda: upstream.open_blob(repo, digest, creds), size_of, shared=False), on_stored)
+
+    def fill(self, digest: str, upstream: str, repo: str, download: Download, on_stored: OnStored,
+             on_mismatch: Callable[[], Awaitable[None]]) -> Fetch:
+        """Start copying `digest` from the shared tier (`download()` opens it) and join it: the same
+        verified path as a fetch from upstream, for content another replica stored. `on_mismatch`
+        is awaited if its bytes do not match their digest."""
+        return self._start(digest, upstream, repo, Source("bucket", download, None, shared=True,
+                                                            on_mismatch=on_mismatch), on_stored)
+
+    def _start(self, digest: str, upstream: str, repo: str, source: Source, on_stored: OnStored) -> Fetch:
         if self._local_only:
             raise NeedsPrimary()
-        fetch = Fetch(digest, upstream.name, repo).join()
+        fetch = Fetch(digest, upstream, repo).join()
         self._fetches[digest] = fetch
-        task = asyncio.get_running_loop().create_task(self._run(fetch, upstream, creds, on_stored, size_of))
+        task = asyncio.get_running_loop().create_task(self._run(fetch, source, on_stored))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return fetch
@@ -307,41 +337,52 @@ class Inflight:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _run(self, fetch: Fetch, upstream: Upstream, creds: Credentials | None, on_stored: OnStored,
-                   size_of: SizeOf | None) -> None:
+    async def _run(self, fetch: Fetch, source: Source, on_stored: OnStored) -> None:
         self._metrics.inflight_fetches.inc()
         error: BaseException | None = None
         writer: BlobWriter | None = None
         try:
-            resp = await upstream.open_blob(fetch.repo, fetch.digest, creds)
+            resp = await source.open()
             _read_in_large_pieces(resp)
             async with resp:
                 size = resp.content_length
-                if size is None and size_of is not None:
-                    size = await size_of()
+                if size is None and source.size_of is not None:
+                    size = await source.size_of()
                 writer = self._store.writer(fetch.digest, size)  # its commit checks the size too
                 fetch._begin(writer, size)
                 await self._pump(fetch, writer, resp.content)
-                self._metrics.upstream_bytes.labels(upstream.name).inc(writer.written)
+                if source.shared:
+                    self._metrics.bucket_bytes.labels("down").inc(writer.written)
+                else:
+                    self._metrics.upstream_bytes.labels(source.name).inc(writer.written)
             writer.verify()
             fetch._verified()  # readers may have the last byte now; storing it can follow
             if fetch._on_disk is None:
                 async with self._room(writer.written):
                     await asyncio.to_thread(writer.commit)
                     await on_stored(fetch)
+                if self._publish is not None and not source.shared:
+                    if self._fetches.get(fetch.digest) is fetch:  # stored: newcomers open it, and it no longer
+                        del self._fetches[fetch.digest]           # counts as bytes in flight
+                    await self._publish(fetch.digest, writer.written)
         except DigestMismatch as exc:
             error = exc
-            self._metrics.digest_mismatches.labels(upstream.name).inc()
-            log.error("discarded blob from upstream %s, repository %s: %s", upstream.name, fetch.repo, exc)
+            if source.on_mismatch is not None:
+                log.error("discarded %s from the shared bucket: %s", fetch.digest, exc)
+                await source.on_mismatch()
+            else:
+                self._metrics.digest_mismatches.labels(source.name).inc()
+                log.error("discarded blob from upstream %s, repository %s: %s", source.name, fetch.repo, exc)
         except UpstreamError as exc:
             error = exc
             if fetch.started.is_set():
-                log.error("fetch of %s from %s failed: %s", fetch.digest, upstream.name, exc)
+                log.error("fetch of %s from %s failed: %s", fetch.digest, source.name, exc)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            error = UpstreamError(upstream.name, None, f"blob {fetch.digest} broke off after {fetch.written} bytes: {exc or 'read timed out'}")
+            problem = f"blob {fetch.digest} broke off after {fetch.written} bytes: {exc or 'read timed out'}"
+            error = FetchFailed(f"the shared bucket's {problem}") if source.shared else UpstreamError(source.name, None, problem)
             log.error("%s", error)
-        except FetchFailed as exc:
-            error = exc
+        except (FetchFailed, BucketError, FileNotFoundError) as exc:
+            error = exc if isinstance(exc, FetchFailed) else FetchFailed(str(exc))
             log.warning("fetch of %s stopped: %s", fetch.digest, exc)
         except asyncio.CancelledError:
             error = FetchFailed("mirror shutting down")

@@ -11,6 +11,7 @@ as long as upstream's own timeouts allow.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from cachetools import LRUCache
 from mirror.errors import RegistryError
 from mirror.metrics import Metrics
 from mirror.proxy.access import AccessPolicy, Principal
+from mirror.proxy.shared import SharedContent
 from mirror.proxy.revalidation import Background, Overdue, revalidation_deadline
 from mirror.proxy.singleflight import SingleFlight
 from mirror.manifest import InvalidManifest, digest_of, media_type_of, referenced_digests
@@ -76,9 +78,11 @@ def _accepted(accept_headers: tuple[str, ...]) -> frozenset[str]:
 class ManifestService:
     def __init__(
         self, store: ContentStore, metadata: Metadata, access: AccessPolicy, metrics: Metrics,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.time, shared: SharedContent | None = None,
     ) -> None:
+        """`shared`: the fleet's bucket, asked for manifests this replica lacks, and published to."""
         self.store = store
+        self.shared = shared
         self.metadata = metadata
         self.access = access
         self.metrics = metrics
@@ -169,6 +173,8 @@ class ManifestService:
         digest, body = manifest.digest, manifest.body
         if self.store.size(digest) is None:
             self.store.put(digest, body)
+            if self.shared is not None:
+                self.shared.publish_manifest(digest, body)
         await self.metadata.content.add(digest, len(body), manifest.media_type, "manifest", self.clock())
         await self.metadata.links.add(upstream.name, repo, [digest, *referenced_digests(body)])
         self._memory[digest] = manifest
@@ -181,12 +187,37 @@ class ManifestService:
         row = await self.metadata.content.get(digest)
         body = self.store.read(digest) if row is not None else None
         if body is None:
-            return None
+            return await self._load_shared(digest) if self.shared is not None else None
         media_type = media_type_of(body, row.media_type if row else None)
         if not media_type:
             return None
         cached = CachedManifest(digest, media_type, body)
         self._memory[digest] = cached
+        return cached
+
+    async def _load_shared(self, digest: str) -> CachedManifest | None:
+        """A manifest another replica stored in the bucket, verified and kept here; None if the bucket
+        lacks it or holds a blob there. Bytes that are not what their key says are deleted from the
+        bucket. Callers check access and links."""
+        assert self.shared is not None
+        body = await self.shared.manifest(digest)
+        if body is None:
+            return None
+        try:
+            actual = digest_of(body)  # a signed schema1's digest covers its payload only
+        except InvalidManifest:
+            actual = "sha256:" + hashlib.sha256(body).hexdigest()
+        if actual != digest:
+            log.error("discarded %s from the shared bucket: its content hashes to %s", digest, actual)
+            await self.shared.discard(digest)
+            return None
+        media_type = media_type_of(body, None)
+        if not media_type:
+            return None  # a small blob (an image config): the manifest endpoint does not serve it
+        self.store.put(digest, body)
+        await self.metadata.content.add(digest, len(body), media_type, "manifest", self.clock())
+        cached = self._memory[digest] = CachedManifest(digest, media_type, body)
+        self.shared.used(digest)
         return cached
 
     # -- by tag --------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Blob answers as HTTP: a stored file by sendfile, a fetch as its temp file grows, a HEAD's headers.
 
-Every answer, from the cache or from upstream, has the ETag `"<digest>"` and honours
+A blob the fleet's bucket holds may instead be answered with a 307 to a presigned URL
+(`[storage.s3] redirect`). Every other answer, from the cache or from upstream, has the ETag `"<digest>"` and honours
 If-None-Match, If-Range and Range: one range (206), several (206 multipart/byteranges)
 or none satisfiable (416), see `ranges`. Every answer has a Content-Length unless the
 blob's size is not known at all (upstream sent none, and neither the cached manifests
@@ -21,7 +22,7 @@ from aiohttp import web
 
 from mirror.errors import RegistryError
 from mirror.observe import client_left
-from mirror.proxy.blobs import BlobAnswer, BlobFetch, BlobHit
+from mirror.proxy.blobs import BlobAnswer, BlobFetch, BlobHit, BlobRedirect
 from mirror.proxy.inflight import Fetch, FetchFailed
 from mirror.requestinfo import RESULT, from_secondary
 from mirror.responses import ranges, sending
@@ -103,6 +104,9 @@ async def respond(request: web.Request, answer: BlobAnswer) -> web.StreamRespons
     """
     if isinstance(answer, BlobHit):
         return _stored(request, answer)
+    if isinstance(answer, BlobRedirect):
+        # distribution's answer for storage that serves clients itself; the client sends its Range there
+        return web.Response(status=307, headers={"Location": answer.url, "Docker-Content-Digest": answer.digest})
     try:
         if isinstance(answer, BlobFetch):
             return await _growing(request, answer.fetch)

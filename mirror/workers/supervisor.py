@@ -33,6 +33,7 @@ from mirror.observe import ACCESS_LOGGER, AccessLogger, setup_logging
 from mirror.server import MirrorRunner
 from mirror.storage.lock import DataDirLock
 from mirror.storage.secret import data_dir_secret
+from mirror.storage.bucket import BucketError
 from mirror.storage.metadata import SchemaTooNew
 from mirror.workers.role import WorkerRole
 
@@ -263,7 +264,7 @@ def run_worker(config: Config, tls: ssl.SSLContext | None, role: WorkerRole, soc
     """Serve on `sockets` (and, for the primary, on its unix socket) until SIGTERM or SIGINT."""
     try:
         asyncio.run(_serve_worker(config, tls, role, sockets, ready_fd))
-    except (SchemaTooNew, AdminSocketError) as exc:
+    except (SchemaTooNew, AdminSocketError, BucketError) as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except OSError as exc:

@@ -27,6 +27,7 @@ class FaultProxy:
         self.retry_after: int | None = None  # Docker Hub style: GETs of manifests and blobs → 429
         self.ratelimit_remaining: int | None = None  # sent as ratelimit-* headers on manifest GETs
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request that came in
+        self.keep_host = False  # pass the client's Host on (a signed S3 request covers it)
         self.url: str | None = None
         self._server = ThreadedServer()
         self._session: aiohttp.ClientSession | None = None
@@ -78,6 +79,8 @@ class FaultProxy:
         if self._session is None:
             self._session = aiohttp.ClientSession(auto_decompress=False)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+        if self.keep_host:
+            headers["Host"] = request.host
         try:
             upstream = await self._session.request(
                 request.method, self.target + request.path_qs, headers=headers,

@@ -21,7 +21,6 @@ from tests.integration.clients import (  # noqa: F401  (fixtures)
 from tests.integration.mirror_process import MirrorProcess, mirrors
 from tests.integration.prometheus import prometheus_factory  # noqa: F401  (fixture)
 from tests.integration.registry import UpstreamRegistry, random_repo, registry_behind
-from tests.integration.s3 import S3Gateway, s3_gateway
 
 
 @pytest.fixture(scope="session")
@@ -73,10 +72,3 @@ def mirror_factory(tmp_path: Path, fault_proxy: FaultProxy) -> Iterator[Callable
 def mirror_proc(mirror_factory: Callable[..., MirrorProcess]) -> MirrorProcess:
     """A running mirror with default settings (tag TTL 10 minutes)."""
     return mirror_factory()
-
-
-@pytest.fixture(scope="session")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Gateway]:
-    """One S3 gateway (JuiceFS) for the whole run: tests stay independent by using fresh key prefixes."""
-    with s3_gateway(tmp_path_factory.mktemp("s3")) as gateway:
-        yield gateway

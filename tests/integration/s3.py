@@ -19,6 +19,7 @@ from typing import Any
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
+from mirror.config import S3Config
 from tests.integration.process import http_status
 from tests.integration.registry import free_port, require_binary
 from tests.waiting import wait_until_sync
@@ -124,6 +125,16 @@ class S3Gateway:
         }
         kwargs.update(overrides)
         return get_session().create_client("s3", **kwargs)
+
+    def config(self, **overrides: Any) -> S3Config:
+        """The mirror's settings for this gateway, under a fresh key prefix (`overrides` replace any)."""
+        settings: dict[str, Any] = {
+            "bucket": self.bucket, "endpoint_url": self.endpoint_url, "region": REGION,
+            "prefix": f"t-{secrets.token_hex(6)}/", "access_key_id": self.access_key,
+            "secret_access_key": self.secret_key, "connect_timeout": 2.0, "read_timeout": 5.0,
+        }
+        settings.update(overrides)
+        return S3Config(**settings)
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
