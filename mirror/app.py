@@ -74,8 +74,13 @@ class Parts:
         for reads and writes (BucketError if it cannot be used)."""
         await self.metadata.open()
         if self.shared is not None:
-            await self.shared.bucket.open()
-            await self.shared.bucket.check()
+            try:
+                await self.shared.bucket.open()
+                await self.shared.bucket.check()
+            except BaseException:
+                await self.shared.bucket.close()
+                await self.metadata.close()
+                raise
 
     async def close(self) -> None:
         """Stop background revalidations and fetches, then close connections and the database."""

@@ -73,6 +73,12 @@ def _check_config(path: str) -> int:
     print(f"  admin API on the unix socket {adminsocket.path_in(cfg.server.data_dir)}"
           + (", and over TCP with the bearer token server.admin_token" if cfg.server.admin_token
              else " (not over TCP: server.admin_token is not set)"))
+    if cfg.storage.backend == "s3":
+        s3 = cfg.storage.s3
+        print(f"  content shared in s3://{s3.bucket}/{s3.prefix} at {s3.endpoint_url or 'AWS, ' + s3.region} "
+              f"({'clients redirected to it' if s3.redirect else 'bytes sent by the mirror'}; "
+              f"{'evicted beyond ' + s3.max_size if s3.max_size else 'never evicted by the mirror'}), "
+              f"local copies in {cfg.server.data_dir}")
     for up in cfg.upstreams.values():
         realms = ", ".join([urlsplit(up.url).hostname or up.url, *up.token_realms])
         print(f"  upstream {up.name}: {up.url} (tag TTL {up.tag_ttl:g}s; credentials go to token realms on {realms})")

@@ -316,3 +316,12 @@ async def test_another_user_is_refused_by_the_socket_s_permissions(
         assert status == 2 and f"permission denied on the admin socket {shared / 'data' / 'admin.sock'}" in err, err
     finally:
         shutil.rmtree(shared)
+
+
+def test_check_config_tells_where_shared_content_lives(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "fleet.toml"
+    path.write_text('[storage]\nbackend = "s3"\n[storage.s3]\nbucket = "fleet"\nendpoint_url = "http://minio:9000"\n'
+                    'prefix = "a/"\nredirect = true\nmax_size = "1TiB"\n')
+    assert main(["check-config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "content shared in s3://fleet/a/ at http://minio:9000 (clients redirected to it; evicted beyond 1TiB)" in out

@@ -230,3 +230,69 @@ def test_split_listen() -> None:
     for bad in ("5000", "host:", "host:0", "host:http"):
         with pytest.raises(ValueError):
             split_listen(bad)
+
+
+# -- storage ------------------------------------------------------------------------------------
+
+def test_storage_defaults_to_the_filesystem() -> None:
+    cfg = load(None, env={})
+    assert cfg.storage.backend == "filesystem"
+    assert cfg.storage.s3.bucket == "" and cfg.storage.s3.redirect is False
+
+
+def test_s3_storage_from_the_file_and_keys_from_files(tmp_path: Path) -> None:
+    (tmp_path / "id").write_text("AKIDEXAMPLE\n")
+    (tmp_path / "secret").write_text("s3cr3t-value\n")
+    cfg = load(_file(tmp_path, f"""
+[storage]
+backend = "s3"
+[storage.s3]
+endpoint_url = "http://127.0.0.1:9000/"
+bucket = "mirror-cache"
+prefix = "fleet-a/"
+redirect = true
+redirect_ttl = "5m"
+max_size = "2TiB"
+access_key_id_file = "{tmp_path / 'id'}"
+secret_access_key_file = "{tmp_path / 'secret'}"
+"""), env={})
+    s3 = cfg.storage.s3
+    assert cfg.storage.backend == "s3"
+    assert (s3.endpoint_url, s3.bucket, s3.prefix, s3.region) == ("http://127.0.0.1:9000", "mirror-cache", "fleet-a/", "us-east-1")
+    assert (s3.access_key_id, s3.secret_access_key) == ("AKIDEXAMPLE", "s3cr3t-value")
+    assert s3.redirect is True and s3.redirect_ttl == 300 and s3.max_size == "2TiB"
+
+
+def test_s3_storage_from_the_environment(tmp_path: Path) -> None:
+    cfg = load(None, env={"MIRROR_STORAGE_BACKEND": "s3", "MIRROR_STORAGE_S3_BUCKET": "from-env",
+                          "MIRROR_STORAGE_S3_REDIRECT": "true"})
+    assert (cfg.storage.backend, cfg.storage.s3.bucket, cfg.storage.s3.redirect) == ("s3", "from-env", True)
+    with pytest.raises(ConfigError) as info:
+        load(None, env={"MIRROR_STORAGE_S3_PREFIX": "/abs"})
+    assert str(info.value).startswith("environment MIRROR_STORAGE_S3_PREFIX: storage.s3.prefix")
+
+
+@pytest.mark.parametrize("text, key, reason", [
+    ('[storage]\nbackend = "nfs"', "storage.backend", "expected one of filesystem, s3"),
+    ('[storage]\nbackend = "s3"', "storage.s3.bucket", 'backend "s3" needs a bucket'),
+    ('[storage.s3]\nbucket = "Bad_Name"', "storage.s3.bucket", "expected a bucket name"),
+    ('[storage.s3]\nbucket = "ab"', "storage.s3.bucket", "expected a bucket name"),
+    ('[storage.s3]\nprefix = "no-slash"', "storage.s3.prefix", 'ending in "/"'),
+    ('[storage.s3]\nprefix = "/lead/"', "storage.s3.prefix", 'ending in "/"'),
+    ('[storage.s3]\nendpoint_url = "ftp://x"', "storage.s3.endpoint_url", "expected an http:// or https:// URL"),
+    ('[storage.s3]\naddressing_style = "dns"', "storage.s3.addressing_style", "expected one of path, virtual, auto"),
+    ('[storage.s3]\naccess_key_id = "a"', "storage.s3.access_key_id", "set both keys"),
+    ('[storage.s3]\naccess_key_id = "a"\naccess_key_id_file = "/x"', "storage.s3.access_key_id_file", "not both"),
+    ('[storage.s3]\nsecret_access_key_file = "/nonexistent/secret"\naccess_key_id = "a"',
+     "storage.s3.secret_access_key_file", "cannot read /nonexistent/secret"),
+    ('[storage.s3]\nmax_size = "50%"', "storage.s3.max_size", "a bucket has no disk"),
+    ('[storage.s3]\nredirect = "sometimes"', "storage.s3.redirect", "expected true or false"),
+    ('[storage.s3]\nredirect_ttl = "soon"', "storage.s3.redirect_ttl", "expected a duration"),
+    ('[storage.s3]\nsize = 3', "storage.s3.size", "unknown key"),
+    ('[storage]\ns3 = 3', "storage.s3", "expected a table"),
+    ('[storage]\nbucket = "x"', "storage.bucket", "unknown key"),
+])
+def test_bad_storage_settings_are_refused_with_key_and_reason(tmp_path: Path, text: str, key: str, reason: str) -> None:
+    error = _error(tmp_path, text)
+    assert error.key == key
+    assert reason in error.reason

@@ -28,6 +28,7 @@ class FaultProxy:
         self.ratelimit_remaining: int | None = None  # sent as ratelimit-* headers on manifest GETs
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request that came in
         self.keep_host = False  # pass the client's Host on (a signed S3 request covers it)
+        self.status_methods: set[str] | None = None  # `status` answers only these methods (None: all)
         self.url: str | None = None
         self._server = ThreadedServer()
         self._session: aiohttp.ClientSession | None = None
@@ -41,7 +42,7 @@ class FaultProxy:
 
     def reset(self) -> None:
         self.status, self.hang, self.refuse, self.delay = None, False, False, 0.0
-        self.retry_after = self.ratelimit_remaining = None
+        self.retry_after = self.ratelimit_remaining = self.status_methods = None
 
     def _ratelimit_headers(self, request: web.Request) -> dict[str, str]:
         if self.ratelimit_remaining is None or request.method != "GET" or "/manifests/" not in request.path:
@@ -66,7 +67,7 @@ class FaultProxy:
             await asyncio.sleep(0.05)
         if self.refuse:
             self._abort(request)
-        if self.status is not None:
+        if self.status is not None and (self.status_methods is None or request.method in self.status_methods):
             return web.json_response(
                 {"errors": [{"code": "UNAVAILABLE", "message": "injected failure"}]}, status=self.status
             )
