@@ -18,8 +18,9 @@ from aiohttp import web
 
 from mirror import adminapi, adminsocket, routes
 from mirror.cache.admin import CacheAdmin
-from mirror.cache.eviction import Evictor, cap_bytes
-from mirror.config import Config
+from mirror.cache.bucketeviction import BucketEvictor
+from mirror.cache.eviction import Evictor, cap_bytes, pinned_digests
+from mirror.config import Config, parse_size
 from mirror.metrics import Metrics
 from mirror.observe import METRICS, metrics_middleware
 from mirror.proxy.access import AccessPolicy
@@ -68,6 +69,7 @@ class Parts:
     admin: CacheAdmin
     link: PrimaryLink | None  # a secondary worker's way to the primary
     shared: SharedContent | None  # the fleet's bucket (storage.backend "s3"), in the process that fetches
+    bucket_evictor: BucketEvictor | None
 
     async def open(self) -> None:
         """Open the database (SchemaTooNew if a newer mirror wrote it), and the bucket, checked
@@ -141,11 +143,13 @@ def build(config: Config, clock: Callable[[], float] = time.time, role: WorkerRo
     cap = lambda: cap_bytes(config.cache.max_size, data_dir)  # noqa: E731 (a share of the disk is read anew)
     evictor = Evictor(store, metadata, metrics, cap, services.manifests.forget, inflight.bytes_in_flight)
     metrics.watch_cache(metadata.stats.read_usage, cap)
+    bucket_cap = parse_size(config.storage.s3.max_size)[0] if config.storage.s3.max_size else None
     admin = CacheAdmin(store, metadata, router, evictor, cap, clock, inflight.temp_files,
-                       lambda: hit_ratio(metrics))
+                       lambda: hit_ratio(metrics), shared, bucket_cap)
+    bucket_evictor = shared and BucketEvictor(shared, bucket_cap, lambda: pinned_digests(metadata, store), metrics, clock)
     link = PrimaryLink(role.primary_socket, role.index, store) if secondary and role else None
     return Parts(data_dir, metrics, store, metadata, upstreams, inflight, access, services, evictor, admin, link,
-                 shared)
+                 shared, bucket_evictor)
 
 
 def make_app(config: Config, clock: Callable[[], float] = time.time, role: WorkerRole | None = None) -> web.Application:
@@ -191,6 +195,8 @@ def make_app(config: Config, clock: Callable[[], float] = time.time, role: Worke
             if not secondary:
                 await reconcile(parts.store, parts.metadata)
                 background.append(asyncio.get_running_loop().create_task(parts.evictor.run()))
+                if parts.bucket_evictor is not None:
+                    background.append(asyncio.get_running_loop().create_task(parts.bucket_evictor.run()))
             if listening is not None:  # answered from now on; a command that came sooner waited in its queue
                 admin_runner = await adminapi.serve_socket(parts.admin, listening, config.server.shutdown_timeout)
                 running.push_async_callback(admin_runner.cleanup)

@@ -99,6 +99,12 @@ class Metrics:
         self.bucket_discarded = Counter(
             "mirror_bucket_discarded", "Objects in the shared bucket whose bytes did not match their digest (deleted)",
             registry=r)
+        self.bucket_evictions = Counter(
+            "mirror_bucket_evictions", "Content objects removed from the shared bucket to stay under storage.s3.max_size",
+            registry=r)
+        self.bucket_evicted_bytes = Counter(
+            "mirror_bucket_evicted_bytes", "Bytes removed from the shared bucket to stay under storage.s3.max_size",
+            registry=r)
         self.client_disconnects = Counter(
             "mirror_client_disconnects", "Clients that closed their connection before their answer was whole "
             "(normal: a cancelled pull or a client-side timeout), by request kind",

@@ -9,16 +9,21 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Awaitable, Callable, Mapping, TypeVar
 
 from mirror.cache.eviction import Evictor, pinned_digests, plan_images
 from mirror.config import parse_duration
 from mirror.errors import RegistryError
 from mirror.reference import TAG_RE, parse_digest
 from mirror.routing import Router
+from mirror.proxy.shared import SharedContent
+from mirror.storage.bucket import Bucket, BucketError
 from mirror.storage.store import ContentStore
 from mirror.storage.metadata import Metadata
 from mirror.storage.reconcile import reconcile
+
+
+T = TypeVar("T")
 
 
 class AdminError(Exception):
@@ -69,6 +74,17 @@ class CacheAdmin:
     clock: Callable[[], float] = time.time
     busy_tmp: Callable[[], set[str]] = set  # temp files of fetches in progress (kept by gc)
     hit_ratio: Callable[[], float | None] = lambda: None  # of requests since start (a running server)
+    shared: SharedContent | None = None  # a fleet's bucket: purges and gc act on it too
+    bucket_cap: int | None = None  # storage.s3.max_size in bytes
+
+    async def _bucket(self, work: Callable[[Bucket], Awaitable[T]]) -> T | None:
+        """`work` on the fleet's bucket, if there is one; AdminError if the bucket fails."""
+        if self.shared is None:
+            return None
+        try:
+            return await work(self.shared.bucket)
+        except BucketError as exc:
+            raise AdminError(f"the shared bucket failed: {exc}") from None
 
     async def _digest_of(self, image: ImageRef) -> str:
         if image.digest:
@@ -95,7 +111,13 @@ class CacheAdmin:
             "top_by_size": [{"repository": f"{u}/{r}", "bytes": b}
                             for u, r, b in await self.metadata.stats.repositories_by_size(top)],
             "top_by_hits": [{"repository": f"{u}/{r}", "hits": n} for u, r, n in await self.metadata.stats.top_hits(top)],
+            **({"bucket": bucket} if (bucket := await self._bucket(self._bucket_stats)) is not None else {}),
         }
+
+    async def _bucket_stats(self, bucket: Bucket) -> dict[str, object]:
+        objects = await bucket.objects()
+        return {"location": bucket.location, "objects": len(objects), "size_bytes": sum(o.size for o in objects),
+                "max_bytes": self.bucket_cap}
 
     async def pin(self, text: str) -> dict[str, object]:
         image = parse_image(text, self.router)
@@ -113,7 +135,9 @@ class CacheAdmin:
                     older_than: float | None = None) -> dict[str, object]:
         """Remove one image, a repository's content, or whatever was not used for a while.
 
-        Parts another cached image uses stay; pinned content stays (unpin it first).
+        Parts another cached image uses stay; pinned content stays (unpin it first). With a fleet's
+        bucket, what is removed here is removed from the bucket too (other replicas' own copies stay
+        until they evict them), and `older_than` also removes what no replica used since.
         """
         if sum(x is not None for x in (image, repo, older_than)) != 1:
             raise AdminError("purge takes exactly one of: an image reference, --repo NAME, --older-than DURATION")
@@ -147,15 +171,29 @@ class CacheAdmin:
         kept = doomed & pinned
         doomed -= pinned
         await self.evictor.remove(sorted(doomed))
-        return {"removed": len(doomed), "bytes": sum(plan.sizes.get(d, 0) for d in doomed),
-                "kept_pinned": len(kept)}
+        answer: dict[str, object] = {"removed": len(doomed), "bytes": sum(plan.sizes.get(d, 0) for d in doomed),
+                                     "kept_pinned": len(kept)}
+        if self.shared is not None:
+            unused: set[str] = set()
+            if older_than is not None:
+                cutoff = self.clock() - older_than
+                objects = await self._bucket(lambda b: b.objects()) or []
+                unused = {o.digest for o in objects if o.used < cutoff} - pinned
+            await self._bucket(lambda b: b.delete(sorted(doomed | unused)))
+            answer["removed_from_bucket"] = len(doomed | unused)
+        return answer
 
     async def gc(self) -> dict[str, object]:
-        """Reconcile rows with files, and remove temp files no fetch is writing."""
+        """Reconcile rows with files, remove temp files no fetch is writing, and abort uploads
+        to the fleet's bucket that a crash left (begun more than a day ago)."""
         dropped, adopted = await reconcile(self.store, self.metadata)
         busy = self.busy_tmp()
         stale = self.store.remove_temp_files(busy)
-        return {"dropped_rows": dropped, "adopted_files": adopted, "removed_temp_files": stale}
+        answer: dict[str, object] = {"dropped_rows": dropped, "adopted_files": adopted, "removed_temp_files": stale}
+        aborted = await self._bucket(lambda b: b.sweep(self.clock()))
+        if aborted is not None:
+            answer["aborted_uploads"] = aborted  # multipart uploads a crashed replica left in the bucket
+        return answer
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from cachetools import LRUCache
 
 from mirror.errors import RegistryError
 from mirror.proxy.access import AccessPolicy, Principal
-from mirror.proxy.inflight import Fetch, FetchFailed, Inflight
+from mirror.proxy.inflight import Fetch, FetchFailed, Inflight, SourceGone
 from mirror.proxy.shared import SharedContent
 from mirror.storage.metadata import Metadata
 from mirror.storage.sizes import descriptor_size
@@ -209,6 +209,9 @@ class BlobService:
             digest, upstream.name, repo, lambda: shared.download(digest), self._stored, lambda: shared.discard(digest))
         try:
             await fetch.wait_started()
+        except SourceGone:
+            fetch.leave()
+            return None  # evicted since it was asked for: fetched from upstream instead
         except BaseException:
             fetch.leave()
             raise

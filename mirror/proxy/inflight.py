@@ -21,7 +21,7 @@ import aiohttp
 
 from mirror.errors import NeedsPrimary
 from mirror.metrics import Metrics
-from mirror.storage.bucket import BucketError
+from mirror.storage.bucket import BucketError, NotInBucket
 from mirror.storage.store import BlobWriter, ContentStore, DigestMismatch
 from mirror.upstream.client import Upstream
 from mirror.upstream.credentials import Credentials
@@ -45,6 +45,10 @@ class Span(NamedTuple):
 
 class FetchFailed(Exception):
     """The shared fetch broke after headers were sent: the reader must abort its client."""
+
+
+class SourceGone(FetchFailed):
+    """The shared tier no longer held the content when its copy began (evicted meanwhile)."""
 
 
 class Fetch:
@@ -381,7 +385,9 @@ class Inflight:
             problem = f"blob {fetch.digest} broke off after {fetch.written} bytes: {exc or 'read timed out'}"
             error = FetchFailed(f"the shared bucket's {problem}") if source.shared else UpstreamError(source.name, None, problem)
             log.error("%s", error)
-        except (FetchFailed, BucketError, FileNotFoundError) as exc:
+        except NotInBucket as exc:
+            error = SourceGone(str(exc))
+        except (FetchFailed, BucketError) as exc:
             error = exc if isinstance(exc, FetchFailed) else FetchFailed(str(exc))
             log.warning("fetch of %s stopped: %s", fetch.digest, exc)
         except asyncio.CancelledError:

@@ -55,7 +55,7 @@ class SharedContent:
             raise _unavailable(exc) from None
 
     async def download(self, digest: str) -> aiohttp.ClientResponse:
-        """The content of `digest`, streaming (for `Inflight.fill`); raises BucketError, FileNotFoundError."""
+        """The content of `digest`, streaming (for `Inflight.fill`); raises BucketError (NotInBucket)."""
         return await self.bucket.download(digest)
 
     async def url(self, digest: str) -> str:

@@ -55,6 +55,10 @@ class BucketError(Exception):
     """A request to the bucket failed: what was asked, of which bucket, and what it answered."""
 
 
+class NotInBucket(BucketError):
+    """The object asked for is not there."""
+
+
 class StoredObject(NamedTuple):
     """Content in the bucket: its digest, size in bytes, and when a replica last used it
     (epoch seconds: the later of the object's and its marker's LastModified)."""
@@ -128,13 +132,13 @@ class Bucket:
         """Bytes of the content of `digest` in the bucket, None if it is not there; raises BucketError."""
         try:
             head = await self._call("head_object", Bucket=self.name, Key=self.key(digest))
-        except _Absent:
+        except NotInBucket:
             return None
         return int(head["ContentLength"])
 
     async def download(self, digest: str, start: int = 0) -> aiohttp.ClientResponse:
         """The content of `digest` from byte `start` on, as a streaming response (status 200 or
-        206; the caller releases it). Raises BucketError, FileNotFoundError if it is not there."""
+        206; the caller releases it). Raises BucketError (NotInBucket if it is not there)."""
         url = await self.url(digest, URL_TTL)
         headers = {"Range": f"bytes={start}-"} if start else {}
         began = time.monotonic()
@@ -149,7 +153,7 @@ class Bucket:
         async with resp:
             self._count("get", "absent" if resp.status == 404 else "error", began)
             if resp.status == 404:
-                raise FileNotFoundError(f"{digest} is not in {self.location}")
+                raise NotInBucket(f"{digest} is not in {self.location}")
             raise BucketError(f"{self.location} answered GET of {digest} with {resp.status}: "
                               f"{_s3_error(await resp.text(errors='replace'))}")
 
@@ -157,7 +161,7 @@ class Bucket:
         """The whole content of `digest`, None if it is not there or larger than `max_bytes`; raises BucketError."""
         try:
             resp = await self.download(digest)
-        except FileNotFoundError:
+        except NotInBucket:
             return None
         async with resp:
             if resp.content_length is None or resp.content_length > max_bytes:
@@ -245,6 +249,17 @@ class Bucket:
         used = {"sha256:" + key.rsplit("/", 1)[1]: modified for key, _, modified in await self._list("used/sha256/")}
         return [StoredObject(d, size, max(modified, used.get(d, 0.0))) for d, (size, modified) in sizes.items()]
 
+    async def used(self, digest: str) -> float | None:
+        """When the content of `digest` was last used (as in `objects`), None if it is gone. Raises BucketError."""
+        times = []
+        for key in (self.key(digest), self._marker(digest)):
+            try:
+                times.append(_epoch((await self._call("head_object", Bucket=self.name, Key=key))["LastModified"]))
+            except NotInBucket:
+                if key == self.key(digest):
+                    return None
+        return max(times)
+
     async def sweep(self, now: float, older_than: float = ABANDONED_AFTER) -> int:
         """Abort multipart uploads under the prefix begun more than `older_than` seconds ago (a crash
         left them: a running one finishes far sooner); returns how many. Raises BucketError."""
@@ -302,7 +317,7 @@ class Bucket:
         raise BucketError(f"{op} to {self.location} failed {PART_ATTEMPTS} times, last: {problem}")
 
     async def _call(self, operation: str, **params: Any) -> Any:
-        """One aiobotocore request, counted and timed; raises BucketError (_Absent for a 404 of a HEAD)."""
+        """One aiobotocore request, counted and timed; raises BucketError (NotInBucket for a HEAD's 404)."""
         began = time.monotonic()
         try:
             answer = await getattr(self._client, operation)(**params)
@@ -312,7 +327,7 @@ class Bucket:
             absent = status == 404 and operation == "head_object"
             self._count(operation, "absent" if absent else "error", began)
             message = f"{operation} on {self.location} refused ({status} {error.get('Code', '')}): {error.get('Message', '')}"
-            raise (_Absent if absent else BucketError)(message.rstrip(": ")) from None
+            raise (NotInBucket if absent else BucketError)(message.rstrip(": ")) from None
         except (BotoCoreError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
             self._count(operation, "error", began)
             raise BucketError(f"{operation} on {self.location} failed: {exc or 'timed out'}") from None
@@ -322,10 +337,6 @@ class Bucket:
     def _count(self, op: str, outcome: str, began: float) -> None:
         self._metrics.bucket_requests.labels(op, outcome).inc()
         self._metrics.bucket_request_duration.labels(op).observe(time.monotonic() - began)
-
-
-class _Absent(BucketError):
-    """A HEAD found no object."""
 
 
 def _epoch(value: datetime) -> float:

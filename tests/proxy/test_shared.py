@@ -3,56 +3,20 @@ the others serve without fetching it again, after the same checks as a hit, veri
 that fails is a clear 503, never the local disk silently standing in."""
 from __future__ import annotations
 
-import dataclasses
 import os
-from collections.abc import AsyncIterator, Callable, Awaitable
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 
-from mirror.app import make_app
-from mirror.config import Config, S3Config, StorageConfig
-from mirror.routes import SERVICES
-from tests.conftest import FakeClock, Mirror, mirror_config
+from tests.conftest import Mirror
+from tests.fleet import Replica, replica, settled  # noqa: F401  (a fixture)
 from tests.fakes.fault_proxy import FaultProxy
 from tests.fakes.registry import FakeRegistry, digest_of
 from tests.integration.s3 import S3Gateway
 
 REPO = "library/app"
-
-Replica = Callable[..., Awaitable[Mirror]]
-
-
-@pytest.fixture
-async def replica(fake_registry: FakeRegistry, tmp_path: Path, aiohttp_client: Any, s3: S3Gateway) -> Replica:
-    """Makes replicas of one fleet: each with its own data directory, all sharing one bucket prefix
-    (`s3config` replaces that, and `**s3` overrides its settings)."""
-    shared = s3.config()
-    made = 0
-
-    async def make(s3config: S3Config | None = None, **s3_settings: Any) -> Mirror:
-        nonlocal made
-        made += 1
-        data_dir = tmp_path / f"replica{made}"
-        bucket = dataclasses.replace(s3config or shared, **s3_settings)
-        config = fleet_config(mirror_config(fake_registry.url or "", data_dir), bucket)
-        clock = FakeClock()
-        app = make_app(config, clock=clock)
-        return Mirror(await aiohttp_client(app), clock, app, data_dir)
-    return make
-
-
-def fleet_config(config: Config, bucket: S3Config) -> Config:
-    return dataclasses.replace(config, storage=StorageConfig("s3", bucket))
-
-
-async def settled(m: Mirror) -> None:
-    """Fetches stored and published, markers written."""
-    await m.services.blobs.inflight.idle()
-    assert m.services.blobs.shared is not None
-    await m.services.blobs.shared.idle()
 
 
 async def get(m: Mirror, path: str, **kwargs: Any) -> tuple[int, bytes]:

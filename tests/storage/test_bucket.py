@@ -16,7 +16,7 @@ import pytest
 
 from mirror.metrics import Metrics
 from mirror.storage import bucket as bucket_module
-from mirror.storage.bucket import Bucket, BucketError
+from mirror.storage.bucket import Bucket, BucketError, NotInBucket
 from tests.fakes.fault_proxy import FaultProxy
 from tests.fakes.registry import digest_of
 from tests.integration.registry import free_port
@@ -70,7 +70,7 @@ async def test_an_absent_object_is_none_or_file_not_found(bucket: Bucket) -> Non
     digest = digest_of(b"absent")
     assert await bucket.size(digest) is None
     assert await bucket.read(digest, 100) is None
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(NotInBucket):
         await bucket.download(digest)
 
 
