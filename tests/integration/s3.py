@@ -136,6 +136,13 @@ class S3Gateway:
         settings.update(overrides)
         return S3Config(**settings)
 
+    def toml(self, prefix: str) -> str:
+        """The `[storage]` tables of a mirror's TOML file that put its content in this gateway under `prefix`."""
+        return ('[storage]\nbackend = "s3"\n[storage.s3]\n'
+                f'endpoint_url = "{self.endpoint_url}"\nbucket = "{self.bucket}"\nprefix = "{prefix}"\n'
+                f'access_key_id = "{self.access_key}"\nsecret_access_key = "{self.secret_key}"\n'
+                'connect_timeout = "2s"\nread_timeout = "10s"\n')
+
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
 
