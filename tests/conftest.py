@@ -2,21 +2,35 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from mirror.app import make_app
-from mirror.config import CacheConfig, Config, ServerConfig, UpstreamConfig
+from mirror.config import CacheConfig, Config, ServerConfig, StorageConfig, UpstreamConfig
 from mirror.routes import SERVICES, Services
 from tests.fakes.registry import FakeRegistry
 from tests.integration.s3 import S3Gateway, s3_gateway
 
+T = TypeVar("T")
 TAG_TTL = 600.0
+# "s3": every mirror of the unit tests keeps its content in a bucket of the session's S3 gateway
+# too (storage.backend "s3"), each under its own prefix; the suite is run once each way.
+STORAGE = os.environ.get("MIRROR_TEST_STORAGE", "filesystem")
+_buckets: list[S3Gateway] = []  # the gateway, once started, when STORAGE is "s3"
+
+
+def after_local_eviction(filesystem: T, shared: T) -> T:
+    """What a test expects of content evicted from the mirror's own disk: with the filesystem store
+    it is gone, and fetched from upstream again (`filesystem`); with a fleet's bucket
+    (MIRROR_TEST_STORAGE=s3) the bucket still holds it (`shared`)."""
+    return shared if STORAGE == "s3" else filesystem
 
 
 class FakeClock:
@@ -55,6 +69,15 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Gateway]:
         yield gateway
 
 
+@pytest.fixture(scope="session", autouse=STORAGE == "s3")
+def storage_backend(request: pytest.FixtureRequest) -> None:
+    """With MIRROR_TEST_STORAGE=s3, start the gateway `mirror_config` puts every mirror's content in."""
+    if STORAGE not in ("filesystem", "s3"):
+        raise pytest.UsageError(f"MIRROR_TEST_STORAGE={STORAGE!r}: expected filesystem or s3")
+    if STORAGE == "s3":
+        _buckets.append(request.getfixturevalue("s3"))
+
+
 @pytest.fixture
 async def fake_registry() -> AsyncIterator[FakeRegistry]:
     """A running fake upstream; its base URL is `fake_registry.url`."""
@@ -69,6 +92,7 @@ def mirror_config(upstream_url: str, data_dir: Path, max_size: str = "80%", **up
     return Config(
         server=ServerConfig(data_dir=str(data_dir)),
         cache=CacheConfig(max_size=max_size),
+        storage=StorageConfig("s3", _buckets[0].config()) if _buckets else StorageConfig(),
         upstreams={"docker.io": UpstreamConfig("docker.io", upstream_url, **settings)},
     )
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -34,7 +35,7 @@ from typing import Any, BinaryIO, NamedTuple
 
 import aiohttp
 from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
+from aiobotocore.session import AioSession, get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
 from mirror.config import S3Config
@@ -90,7 +91,7 @@ class Bucket:
             # checksums only where S3 requires them: many S3-compatible stores predate the trailing-checksum default
             request_checksum_calculation="when_required", response_checksum_validation="when_required",
         )
-        self._client = await self._exit.enter_async_context(get_session().create_client(
+        self._client = await self._exit.enter_async_context(_session().create_client(
             "s3", endpoint_url=cfg.endpoint_url or None, region_name=cfg.region, config=aio,
             aws_access_key_id=cfg.access_key_id, aws_secret_access_key=cfg.secret_access_key))
         timeout = aiohttp.ClientTimeout(sock_connect=cfg.connect_timeout, sock_read=cfg.read_timeout)
@@ -181,8 +182,7 @@ class Bucket:
         """Publish `size` bytes of `file` (verified content of `digest`) at its key: one PUT, or a
         multipart upload whose completion publishes it, aborted if anything fails. Raises BucketError."""
         if size < PART_SIZE:
-            data = await asyncio.to_thread(os.pread, file.fileno(), size, 0)
-            await self._put(self._presign("put_object", Key=self.key(digest)), data, "put")
+            await self._put(self._presign("put_object", Key=self.key(digest)), _Slice(file, 0, size), "put")
             return
         key = self.key(digest)
         upload_id = (await self._call("create_multipart_upload", Bucket=self.name, Key=key))["UploadId"]
@@ -195,9 +195,9 @@ class Bucket:
             async def part(number: int) -> None:
                 async with limit:
                     offset = (number - 1) * part_size
-                    data = await asyncio.to_thread(os.pread, file.fileno(), min(part_size, size - offset), offset)
                     url = self._presign("upload_part", Key=key, UploadId=upload_id, PartNumber=number)
-                    etags[number] = await self._put(url, data, "upload_part")
+                    etags[number] = await self._put(url, _Slice(file, offset, min(part_size, size - offset)),
+                                                    "upload_part")
 
             async with asyncio.TaskGroup() as group:
                 for number in range(1, count + 1):
@@ -213,7 +213,7 @@ class Bucket:
 
     async def upload_bytes(self, digest: str, data: bytes) -> None:
         """Publish small verified content (a manifest) with one PUT; raises BucketError."""
-        await self._put(self._presign("put_object", Key=self.key(digest)), data, "put")
+        await self._put(self._presign("put_object", Key=self.key(digest)), _Bytes(data), "put")
 
     async def mark_used(self, digest: str) -> None:
         """Say that a replica uses the content of `digest` now (eviction spares what is in use); raises BucketError."""
@@ -295,18 +295,19 @@ class Bucket:
     def _presign(self, operation: str, **params: Any) -> Any:
         return self._client.generate_presigned_url(operation, Params={"Bucket": self.name, **params}, ExpiresIn=URL_TTL)
 
-    async def _put(self, url_coro: Any, data: bytes, op: str) -> str:
-        """PUT `data` to a presigned URL, retrying network failures and 5xx; returns the ETag."""
+    async def _put(self, url_coro: Any, body: _Body, op: str) -> str:
+        """PUT `body` to a presigned URL, retrying network failures and 5xx; returns the ETag."""
         url = await url_coro
         for attempt in range(1, PART_ATTEMPTS + 1):
             began = time.monotonic()
             try:
-                async with self._session.put(url, data=data) as resp:
-                    body = await resp.text(errors="replace")
+                async with self._session.put(url, data=body.chunks(),
+                                             headers={"Content-Length": str(body.length)}) as resp:
+                    answer = await resp.text(errors="replace")
                     if resp.status == 200:
                         self._count(op, "ok", began)
                         return resp.headers.get("ETag", "")
-                    problem = f"{resp.status}: {_s3_error(body)}"
+                    problem = f"{resp.status}: {_s3_error(answer)}"
                     if resp.status < 500:
                         self._count(op, "error", began)
                         raise BucketError(f"{self.location} refused {op}: {problem}")
@@ -337,6 +338,50 @@ class Bucket:
     def _count(self, op: str, outcome: str, began: float) -> None:
         self._metrics.bucket_requests.labels(op, outcome).inc()
         self._metrics.bucket_request_duration.labels(op).observe(time.monotonic() - began)
+
+
+READ_SIZE = 1 << 20  # bytes read from the file per chunk of an upload: memory per upload in flight
+
+
+class _Body:
+    """What a PUT sends: `length` bytes, read anew for every attempt."""
+
+    length: int
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        raise NotImplementedError
+
+
+class _Slice(_Body):
+    """`length` bytes of `file` from `offset`, read a chunk at a time (a part of a layer is never
+    all in memory)."""
+
+    def __init__(self, file: BinaryIO, offset: int, length: int) -> None:
+        self.file, self.offset, self.length = file, offset, length
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        position, end = self.offset, self.offset + self.length
+        while position < end:
+            chunk = await asyncio.to_thread(os.pread, self.file.fileno(), min(READ_SIZE, end - position), position)
+            if not chunk:
+                raise BucketError(f"the file to upload ended {end - position} bytes early")
+            position += len(chunk)
+            yield chunk
+
+
+class _Bytes(_Body):
+    def __init__(self, data: bytes) -> None:
+        self.data, self.length = data, len(data)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        yield self.data
+
+
+@functools.cache
+def _session() -> AioSession:
+    """One botocore session per process: it loads S3's service model once (a third of a second),
+    not at every client made."""
+    return get_session()
 
 
 def _epoch(value: datetime) -> float:
