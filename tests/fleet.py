@@ -21,16 +21,16 @@ Replica = Callable[..., Awaitable[Mirror]]
 @pytest.fixture
 async def replica(fake_registry: FakeRegistry, tmp_path: Path, aiohttp_client: Any, s3: S3Gateway) -> Replica:
     """Makes replicas of one fleet: each with its own data directory, all sharing one bucket prefix
-    (`s3config` replaces that, and `**s3` overrides its settings)."""
+    (`s3config` replaces that, `**s3_settings` override its settings, `upstream` docker.io's)."""
     shared = s3.config()
     made = 0
 
-    async def make(s3config: S3Config | None = None, **s3_settings: Any) -> Mirror:
+    async def make(s3config: S3Config | None = None, upstream: dict[str, Any] | None = None, **s3_settings: Any) -> Mirror:
         nonlocal made
         made += 1
         data_dir = tmp_path / f"replica{made}"
         bucket = dataclasses.replace(s3config or shared, **s3_settings)
-        config = fleet_config(mirror_config(fake_registry.url or "", data_dir), bucket)
+        config = fleet_config(mirror_config(fake_registry.url or "", data_dir, **(upstream or {})), bucket)
         clock = FakeClock()
         app = make_app(config, clock=clock)
         return Mirror(await aiohttp_client(app), clock, app, data_dir)

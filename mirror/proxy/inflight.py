@@ -15,7 +15,7 @@ import errno
 import logging
 import os
 from contextlib import AbstractAsyncContextManager
-from typing import AsyncIterator, Awaitable, BinaryIO, Callable, NamedTuple
+from typing import Any, AsyncIterator, Awaitable, BinaryIO, Callable, Coroutine, NamedTuple
 
 import aiohttp
 
@@ -121,10 +121,13 @@ class Fetch:
         if not self._began and self.error is not None:
             raise self.error
 
-    async def spans(self, start: int = 0, end: int | None = None) -> AsyncIterator[Span]:
+    async def spans(self, start: int = 0, end: int | None = None, hold: bool = True) -> AsyncIterator[Span]:
         """Yield [start, end) as spans of the temp file (or of memory, past a full disk) as the
         bytes arrive; raises FetchFailed if the fetch fails.
 
+        With `hold`, the last byte of [start, end) waits until the whole blob hashed to its digest
+        (see `_unverified_limit`); without, bytes come as written, for a reader that publishes
+        nothing before the digest check (an upload, completed only after its last part, held).
         Call only between `join` and `leave`, after `wait_started`. A span is consumed when the
         next one is asked for.
         """
@@ -135,7 +138,7 @@ class Fetch:
             while end is None or pos < end:
                 if self.error is not None:
                     raise FetchFailed(str(self.error))
-                available = self.written if self.done or self.verified else self._unverified_limit(end)
+                available = self.written if self.done or self.verified or not hold else self._unverified_limit(end)
                 if pos < available:
                     span = self._span_at(pos, available if end is None else min(available, end))
                     yield span
@@ -192,7 +195,7 @@ class Fetch:
 OnStored = Callable[[Fetch], Awaitable[None]]
 SizeOf = Callable[[], Awaitable[int | None]]
 Download = Callable[[], Awaitable[aiohttp.ClientResponse]]
-Publish = Callable[[str, int], Awaitable[None]]
+Share = Callable[["Fetch"], Awaitable[None]]
 
 
 class Source(NamedTuple):
@@ -211,20 +214,21 @@ class Inflight:
     def __init__(
         self, store: ContentStore, metrics: Metrics, on_disk_full: Callable[[], None] = lambda: None,
         local_only: bool = False, on_written: Callable[[], None] = lambda: None,
-        room: Callable[[int], AbstractAsyncContextManager[None]] | None = None, publish: Publish | None = None,
+        room: Callable[[int], AbstractAsyncContextManager[None]] | None = None, share: Share | None = None,
     ) -> None:
         """`on_written` is called after every batch written to a temp file (cheap, synchronous);
         `room(size)` is entered before a verified blob is moved into the store and left once its
         row is written: it makes room for `size` bytes and holds it until they count as stored.
-        `publish(digest, size)` shares a blob fetched from upstream once it is stored (a fleet's
-        bucket); it logs its own failures: the blob is cached here whatever becomes of it."""
+        `share(fetch)` is started, with the fetch joined for it, for every fetch from upstream once
+        it has begun (a fleet's bucket uploads it as it arrives); it leaves the fetch when done and
+        logs its own failures: the blob is cached here whatever becomes of its upload."""
         self._store = store
         self._local_only = local_only  # in a secondary worker: fetches happen in the primary
         self._metrics = metrics
         self._on_disk_full = on_disk_full
         self._on_written = on_written
         self._room = room or (lambda _size: contextlib.nullcontext())
-        self._publish = publish
+        self._share = share
         self._fetches: dict[str, Fetch] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -268,10 +272,14 @@ class Inflight:
             raise NeedsPrimary()
         fetch = Fetch(digest, upstream, repo).join()
         self._fetches[digest] = fetch
-        task = asyncio.get_running_loop().create_task(self._run(fetch, source, on_stored))
+        self._background(self._run(fetch, source, on_stored))
+        return fetch
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` as a task of this table: `idle` waits for it, `close` cancels it."""
+        task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return fetch
 
     async def _pump(self, fetch: Fetch, writer: BlobWriter, content: aiohttp.StreamReader) -> None:
         """Upstream bytes to the temp file (and so to the readers) and to the digest check.
@@ -354,6 +362,8 @@ class Inflight:
                     size = await source.size_of()
                 writer = self._store.writer(fetch.digest, size)  # its commit checks the size too
                 fetch._begin(writer, size)
+                if self._share is not None and not source.shared:
+                    self._background(self._share(fetch.join()))
                 await self._pump(fetch, writer, resp.content)
                 if source.shared:
                     self._metrics.bucket_bytes.labels("down").inc(writer.written)
@@ -365,10 +375,6 @@ class Inflight:
                 async with self._room(writer.written):
                     await asyncio.to_thread(writer.commit)
                     await on_stored(fetch)
-                if self._publish is not None and not source.shared:
-                    if self._fetches.get(fetch.digest) is fetch:  # stored: newcomers open it, and it no longer
-                        del self._fetches[fetch.digest]           # counts as bytes in flight
-                    await self._publish(fetch.digest, writer.written)
         except DigestMismatch as exc:
             error = exc
             if source.on_mismatch is not None:

@@ -6,9 +6,12 @@ replica finds it instead of asking upstream.
 
 Layout under the configured prefix:
 - `content/sha256/<64 hex>`: verified bytes, blobs and manifests alike. An object appears
-  only whole: a PUT or a completed multipart upload publishes it, and only bytes already
-  verified locally are uploaded. A failed upload is aborted; one a crash left behind is
-  aborted by `sweep` once older than ABANDONED_AFTER.
+  only whole: a PUT or a completed multipart upload publishes it. The parts of a blob are
+  uploaded as it arrives from upstream, but the part that ends with its last byte waits for
+  the digest check, and the upload completes only after it: nothing unverified is ever
+  published. A failed upload is aborted; one a crash left behind (invisible: no object) is
+  aborted by `sweep` once older than ABANDONED_AFTER (an S3 lifecycle rule that aborts
+  incomplete multipart uploads does it sooner).
 - `used/sha256/<64 hex>`: empty markers whose LastModified says when a replica last used the
   content; eviction on the bucket (mirror.cache.bucketeviction) goes by them.
 
@@ -29,7 +32,7 @@ import os
 import secrets
 import time
 import xml.etree.ElementTree as ElementTree
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import datetime
 from typing import Any, BinaryIO, NamedTuple
 
@@ -54,6 +57,10 @@ DELETE_CONCURRENCY = 8
 
 class BucketError(Exception):
     """A request to the bucket failed: what was asked, of which bucket, and what it answered."""
+
+
+# What an upload sends: (offset, length) → the bytes of that range, in chunks, as they become available.
+Chunks = Callable[[int, int], AsyncIterator[bytes]]
 
 
 class NotInBucket(BucketError):
@@ -178,29 +185,31 @@ class Bucket:
             "get_object", Params={"Bucket": self.name, "Key": self.key(digest)}, ExpiresIn=int(ttl))
 
     # -- writing ------------------------------------------------------------------
-    async def upload(self, digest: str, file: BinaryIO, size: int) -> None:
-        """Publish `size` bytes of `file` (verified content of `digest`) at its key: one PUT, or a
-        multipart upload whose completion publishes it, aborted if anything fails. Raises BucketError."""
-        if size < PART_SIZE:
-            await self._put(self._presign("put_object", Key=self.key(digest)), _Slice(file, 0, size), "put")
-            return
+    async def upload(self, digest: str, size: int, chunks: Chunks) -> None:
+        """Publish the `size` bytes of `digest` that `chunks(offset, length)` yields (asked again for
+        a range whose upload is retried): one PUT, or a multipart upload whose completion publishes
+        it, aborted if anything fails. The bytes may still be arriving: each part is sent as its
+        chunks come, so only what `chunks` yields, and only once it ends, is ever published.
+        Raises BucketError; any error `chunks` raises aborts the upload and propagates."""
         key = self.key(digest)
+        if size < PART_SIZE:
+            await self._put(self._presign("put_object", Key=key), size, lambda: chunks(0, size), "put")
+            return
         upload_id = (await self._call("create_multipart_upload", Bucket=self.name, Key=key))["UploadId"]
         try:
             part_size = max(PART_SIZE, math.ceil(size / 10_000))
-            count = math.ceil(size / part_size)
             etags: dict[int, str] = {}
             limit = asyncio.Semaphore(UPLOAD_CONCURRENCY)
 
             async def part(number: int) -> None:
                 async with limit:
                     offset = (number - 1) * part_size
+                    length = min(part_size, size - offset)
                     url = self._presign("upload_part", Key=key, UploadId=upload_id, PartNumber=number)
-                    etags[number] = await self._put(url, _Slice(file, offset, min(part_size, size - offset)),
-                                                    "upload_part")
+                    etags[number] = await self._put(url, length, lambda: chunks(offset, length), "upload_part")
 
             async with asyncio.TaskGroup() as group:
-                for number in range(1, count + 1):
+                for number in range(1, math.ceil(size / part_size) + 1):
                     group.create_task(part(number))
             await self._call("complete_multipart_upload", Bucket=self.name, Key=key, UploadId=upload_id,
                              MultipartUpload={"Parts": [{"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)]})
@@ -213,7 +222,9 @@ class Bucket:
 
     async def upload_bytes(self, digest: str, data: bytes) -> None:
         """Publish small verified content (a manifest) with one PUT; raises BucketError."""
-        await self._put(self._presign("put_object", Key=self.key(digest)), _Bytes(data), "put")
+        async def whole(_offset: int, _length: int) -> AsyncIterator[bytes]:
+            yield data
+        await self._put(self._presign("put_object", Key=self.key(digest)), len(data), lambda: whole(0, len(data)), "put")
 
     async def mark_used(self, digest: str) -> None:
         """Say that a replica uses the content of `digest` now (eviction spares what is in use); raises BucketError."""
@@ -295,14 +306,14 @@ class Bucket:
     def _presign(self, operation: str, **params: Any) -> Any:
         return self._client.generate_presigned_url(operation, Params={"Bucket": self.name, **params}, ExpiresIn=URL_TTL)
 
-    async def _put(self, url_coro: Any, body: _Body, op: str) -> str:
-        """PUT `body` to a presigned URL, retrying network failures and 5xx; returns the ETag."""
+    async def _put(self, url_coro: Any, length: int, body: Callable[[], AsyncIterator[bytes]], op: str) -> str:
+        """PUT the `length` bytes `body()` yields to a presigned URL, retrying network failures and
+        5xx (with a fresh `body()`); returns the ETag."""
         url = await url_coro
         for attempt in range(1, PART_ATTEMPTS + 1):
             began = time.monotonic()
             try:
-                async with self._session.put(url, data=body.chunks(),
-                                             headers={"Content-Length": str(body.length)}) as resp:
+                async with self._session.put(url, data=body(), headers={"Content-Length": str(length)}) as resp:
                     answer = await resp.text(errors="replace")
                     if resp.status == 200:
                         self._count(op, "ok", began)
@@ -340,41 +351,7 @@ class Bucket:
         self._metrics.bucket_request_duration.labels(op).observe(time.monotonic() - began)
 
 
-READ_SIZE = 1 << 20  # bytes read from the file per chunk of an upload: memory per upload in flight
-
-
-class _Body:
-    """What a PUT sends: `length` bytes, read anew for every attempt."""
-
-    length: int
-
-    def chunks(self) -> AsyncIterator[bytes]:
-        raise NotImplementedError
-
-
-class _Slice(_Body):
-    """`length` bytes of `file` from `offset`, read a chunk at a time (a part of a layer is never
-    all in memory)."""
-
-    def __init__(self, file: BinaryIO, offset: int, length: int) -> None:
-        self.file, self.offset, self.length = file, offset, length
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        position, end = self.offset, self.offset + self.length
-        while position < end:
-            chunk = await asyncio.to_thread(os.pread, self.file.fileno(), min(READ_SIZE, end - position), position)
-            if not chunk:
-                raise BucketError(f"the file to upload ended {end - position} bytes early")
-            position += len(chunk)
-            yield chunk
-
-
-class _Bytes(_Body):
-    def __init__(self, data: bytes) -> None:
-        self.data, self.length = data, len(data)
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        yield self.data
+READ_SIZE = 1 << 20  # bytes read from a file per chunk of an upload: memory per upload in flight
 
 
 @functools.cache

@@ -10,13 +10,13 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 
 from mirror.metrics import Metrics
 from mirror.storage import bucket as bucket_module
-from mirror.storage.bucket import Bucket, BucketError, NotInBucket
+from mirror.storage.bucket import Bucket, BucketError, Chunks, NotInBucket
 from tests.fakes.fault_proxy import FaultProxy
 from tests.fakes.registry import digest_of
 from tests.integration.registry import free_port
@@ -42,6 +42,14 @@ def proxy(s3: S3Gateway) -> Iterator[FaultProxy]:
     p.stop()
 
 
+def file_chunks(file: BinaryIO) -> Chunks:
+    """A stored file's bytes, a MiB at a time."""
+    async def chunks(offset: int, length: int) -> AsyncIterator[bytes]:
+        for position in range(offset, offset + length, 1 << 20):
+            yield os.pread(file.fileno(), min(1 << 20, offset + length - position), position)
+    return chunks
+
+
 async def _uploads(s3: S3Gateway, prefix: str) -> list[Any]:
     async with s3.client() as client:
         return (await client.list_multipart_uploads(Bucket=s3.bucket, Prefix=prefix)).get("Uploads", [])
@@ -55,7 +63,7 @@ async def test_upload_then_size_download_and_ranges(bucket: Bucket, tmp_path: Pa
     digest = digest_of(data)
     assert await bucket.size(digest) is None
     with path.open("rb") as file:
-        await bucket.upload(digest, file, size)
+        await bucket.upload(digest, size, file_chunks(file))
     assert await bucket.size(digest) == size
     async with await bucket.download(digest) as resp:
         assert await resp.read() == data
@@ -106,7 +114,7 @@ async def test_a_multipart_upload_that_fails_midway_is_aborted_and_publishes_not
     try:
         proxy.status, proxy.status_methods = 500, {"PUT"}  # the parts fail; creating and aborting work
         with path.open("rb") as file, pytest.raises(BucketError, match="upload_part .* failed 3 times"):
-            await b.upload(digest_of(data), file, len(data))
+            await b.upload(digest_of(data), len(data), file_chunks(file))
         proxy.reset()
         assert await b.size(digest_of(data)) is None
         assert await _uploads(s3, b.config.prefix) == []
