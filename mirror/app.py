@@ -68,7 +68,7 @@ class Parts:
     evictor: Evictor
     admin: CacheAdmin
     link: PrimaryLink | None  # a secondary worker's way to the primary
-    shared: SharedContent | None  # the fleet's bucket (storage.backend "s3"), in the process that fetches
+    shared: SharedContent | None  # the fleet's bucket (storage.backend "s3"); in a secondary, only to redirect
     bucket_evictor: BucketEvictor | None
 
     async def open(self) -> None:
@@ -114,9 +114,10 @@ def build(config: Config, clock: Callable[[], float] = time.time, role: WorkerRo
     secret = data_dir_secret(data_dir)  # the same in every worker and after every restart
     fingerprints = Fingerprinter(derive(secret, "fingerprint"))
     store = FileStore(data_dir)
+    s3 = config.storage.s3
     shared = None
-    if config.storage.backend == "s3" and not secondary:  # a secondary hands what it lacks to the primary
-        s3 = config.storage.s3
+    # A secondary hands what it lacks to the primary; it needs the bucket only to redirect its hits.
+    if config.storage.backend == "s3" and (not secondary or s3.redirect):
         shared = SharedContent(Bucket(s3, metrics), store, metrics, s3.redirect, s3.redirect_ttl, clock)
     # stored bytes and bytes being fetched wake eviction as they cross the cap (storage knows no cache)
     metadata = Metadata(data_dir / "index.db", on_grown=lambda: evictor.stored())
@@ -126,12 +127,12 @@ def build(config: Config, clock: Callable[[], float] = time.time, role: WorkerRo
                  for name, cfg in config.upstreams.items()}
     inflight = Inflight(store, metrics, on_disk_full=lambda: evictor.wake(), local_only=secondary,
                         on_written=lambda: evictor.written(), room=lambda size: evictor.room(size),
-                        share=shared.share if shared else None)
+                        share=shared.share if shared and not secondary else None)
     access = AccessPolicy(metadata, clock)
     router = Router(upstreams, config.server.default_upstream)
     services = routes.Services(
         router=router,
-        manifests=ManifestService(store, metadata, access, metrics, clock, shared),
+        manifests=ManifestService(store, metadata, access, metrics, clock, None if secondary else shared),
         blobs=BlobService(store, metadata, inflight, access, clock, shared),
         tags=TagListService(clock),
         referrers=ReferrersService(access, clock),
@@ -146,7 +147,8 @@ def build(config: Config, clock: Callable[[], float] = time.time, role: WorkerRo
     bucket_cap = parse_size(config.storage.s3.max_size)[0] if config.storage.s3.max_size else None
     admin = CacheAdmin(store, metadata, router, evictor, cap, clock, inflight.temp_files,
                        lambda: hit_ratio(metrics), shared, bucket_cap)
-    bucket_evictor = shared and BucketEvictor(shared, bucket_cap, lambda: pinned_digests(metadata, store), metrics, clock)
+    bucket_evictor = (BucketEvictor(shared, bucket_cap, lambda: pinned_digests(metadata, store), metrics, clock)
+                      if shared is not None and not secondary else None)
     link = PrimaryLink(role.primary_socket, role.index, store) if secondary and role else None
     return Parts(data_dir, metrics, store, metadata, upstreams, inflight, access, services, evictor, admin, link,
                  shared, bucket_evictor)

@@ -120,7 +120,8 @@ class BlobService:
         self, store: ContentStore, metadata: Metadata, inflight: Inflight, access: AccessPolicy,
         clock: Callable[[], float] = time.time, shared: SharedContent | None = None,
     ) -> None:
-        """`shared`: the fleet's bucket, asked for what this replica lacks, and published to."""
+        """`shared`: the fleet's bucket, asked for what this replica lacks (unless `inflight` is a
+        secondary worker's: the primary does that), and where hits are redirected to if configured."""
         self.store = store
         self.shared = shared
         self.metadata = metadata
@@ -157,7 +158,7 @@ class BlobService:
                         return BlobRedirect(digest, size, await self.shared.url(digest))
                 hit, file = BlobHit(digest, size, file), None
                 return hit
-            if fetch is None and self.shared is not None:
+            if fetch is None and self.shared is not None and not self.inflight.local_only:
                 shared = await self._from_shared(upstream, repo, digest, principal, head, redirectable)
                 if shared is not None:
                     return shared

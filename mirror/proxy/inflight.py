@@ -232,6 +232,11 @@ class Inflight:
         self._fetches: dict[str, Fetch] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
+    @property
+    def local_only(self) -> bool:
+        """In a secondary worker: fetches happen in the primary."""
+        return self._local_only
+
     def temp_files(self) -> set[str]:
         """Names of the temp files running fetches are writing (garbage collection keeps them)."""
         return {f.tmp_name for f in self._fetches.values() if f.tmp_name}

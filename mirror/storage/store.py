@@ -1,8 +1,9 @@
 """What the mirror needs of a content store: verified bytes by digest, blobs and manifests alike.
 
-`FileStore` (filestore.py) keeps them in the data directory. Another store (an S3-compatible
-bucket) fits behind the same Protocols; a write in progress is still a local temp file there,
-which readers follow as it grows, and its commit is what publishes verified bytes.
+`FileStore` (filestore.py) keeps them in the data directory. A fleet's bucket (bucket.py) is not
+another ContentStore but a shared tier beside it: each mirror keeps serving from its own store
+(sendfile from a real file, readers following a growing temp file), copies into it what the
+bucket holds, and uploads to the bucket what it fetched from upstream.
 
 Every method that takes a digest raises ValueError for one that is not a valid `sha256:` digest.
 """

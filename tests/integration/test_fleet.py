@@ -325,3 +325,37 @@ def test_a_replica_killed_mid_transfer_costs_its_clients_a_retry_and_leaves_noth
         assert gc.returncode == 0, gc.stderr
         for repaired in ("dropped_rows", "adopted_files", "removed_temp_files", "aborted_uploads"):
             assert f"{repaired}: 0" in gc.stdout, gc.stdout
+
+
+def test_redirect_sends_every_worker_s_clients_to_the_bucket(
+    upstream: UpstreamRegistry, tmp_path: Path, fault_proxy: FaultProxy, s3: S3Gateway, repo: str
+) -> None:
+    """With `redirect = true` and two workers, hits are redirected whichever worker answers."""
+    blob = random_blob(upstream, [repo], tmp_path / "blob", 3 * 1024 * 1024 + 1)
+    assert fault_proxy.url
+    mirror = MirrorProcess(tmp_path / "mirror", fault_proxy.url, workers=2,
+                           extra=s3.toml(f"redirect-{secrets.token_hex(4)}/") + "redirect = true\n")
+    mirror.start()
+    try:
+        target = f"{mirror.url}/v2/{repo}/blobs/{blob.digest}"
+        assert get_sha256(target) == blob.digest  # a miss: streamed while it arrives
+        mirror.wait_idle()
+        opener = urllib.request.build_opener(NoRedirect)
+        for _ in range(20):  # new connections, spread over both workers by the kernel
+            with pytest.raises(urllib.error.HTTPError) as answer:
+                opener.open(target, timeout=10)
+            assert answer.value.code == 307, answer.value.read()
+            location = answer.value.headers["Location"]
+            assert location.startswith(s3.endpoint_url) and "X-Amz-Signature=" in location
+        assert get_sha256(location) == blob.digest
+        assert blob_gets(upstream, blob.digest) == 1
+        redirected = re.compile(r"GET /v2/\S+/blobs/\S+ 307 \d+ \S+ hit worker (\d+)")
+        wait_until_sync(lambda: set(redirected.findall(mirror.log.read_text())), check=lambda w: w == {"0", "1"},
+                        timeout=10, what="307s from both workers in the access log")
+    finally:
+        mirror.stop()
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
