@@ -51,11 +51,10 @@ class SharedContent:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def size(self, digest: str) -> int | None:
-        """Bytes of `digest` in the bucket, None if it is not there; RegistryError 503 if the bucket fails."""
-        try:
+        """Bytes of `digest` in the bucket, None if it is not there; RegistryError 503 if the bucket
+        fails or does not answer within one request's timeouts (its client's retries included)."""
+        async with self._answer_soon("head_object"):
             return await self.bucket.size(digest)
-        except BucketError as exc:
-            raise _unavailable(exc) from None
 
     async def download(self, digest: str) -> aiohttp.ClientResponse:
         """The content of `digest`, streaming (for `Inflight.fill`); raises BucketError (NotInBucket)."""
@@ -69,8 +68,20 @@ class SharedContent:
     async def manifest(self, digest: str) -> bytes | None:
         """The body stored at `digest` (unverified: the caller checks it), None if absent or too large
         for a manifest (a layer); RegistryError 503."""
-        try:
+        async with self._answer_soon("get"):
             return await self.bucket.read(digest, MANIFEST_MAX_BYTES)
+
+    @contextlib.asynccontextmanager
+    async def _answer_soon(self, op: str) -> AsyncIterator[None]:
+        """A request waits for the bucket (`op`, retries included) as long as for one attempt:
+        RegistryError 503 after that (counted as a timeout of `op`), or when it fails."""
+        limit = self.bucket.config.connect_timeout + self.bucket.config.read_timeout
+        try:
+            async with asyncio.timeout(limit):
+                yield
+        except TimeoutError:
+            self._metrics.bucket_requests.labels(op, "timeout").inc()
+            raise _unavailable(BucketError(f"{self.bucket.location} did not answer within {limit:g}s")) from None
         except BucketError as exc:
             raise _unavailable(exc) from None
 

@@ -210,12 +210,26 @@ async def test_a_failing_bucket_is_a_503_naming_it_never_the_local_disk_alone(
     assert error["code"] == "UNAVAILABLE"
     assert "shared content store" in error["message"] and s3.bucket in error["message"]
     assert fake_registry.count(method="GET") == 0
-    failures = m.services.metrics.bucket_requests.labels("head_object", "error")._value.get()
+    failures = sum(m.services.metrics.bucket_requests.labels("head_object", outcome)._value.get()
+                   for outcome in ("error", "timeout"))
     assert failures >= 1
     # what this replica holds itself is still served
     assert await get(m, f"/v2/{REPO}/blobs/{cached}") == (200, local)
     failing_bucket.status = None
     assert await get(m, f"/v2/{REPO}/blobs/{digest}") == (200, data)
+
+
+async def test_a_bucket_that_hangs_is_a_503_within_one_request_s_timeouts(
+        replica: Replica, fake_registry: FakeRegistry, s3: S3Gateway, failing_bucket: FaultProxy) -> None:
+    digest = fake_registry.add_blob(REPO, os.urandom(1000))
+    m = await replica(s3.config(endpoint_url=failing_bucket.url, connect_timeout=0.5, read_timeout=0.5))
+    failing_bucket.hang = True
+    began = time.monotonic()
+    resp = await m.client.get(f"/v2/{REPO}/blobs/{digest}")
+    assert resp.status == 503
+    assert "did not answer within 1s" in (await resp.json())["errors"][0]["message"]
+    assert time.monotonic() - began < 5
+    failing_bucket.hang = False
 
 
 async def test_an_upload_that_fails_midway_publishes_nothing_and_the_blob_stays_cached_here(
