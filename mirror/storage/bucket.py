@@ -56,7 +56,12 @@ DELETE_CONCURRENCY = 8
 
 
 class BucketError(Exception):
-    """A request to the bucket failed: what was asked, of which bucket, and what it answered."""
+    """A request to the bucket failed: what was asked, of which bucket, and what it answered
+    (`status`: its HTTP status, None if it did not answer)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 # What an upload sends: (offset, length) → the bytes of that range, in chunks, as they become available.
@@ -123,11 +128,10 @@ class Bucket:
         try:
             await self._call("head_bucket", Bucket=self.name)
         except BucketError as exc:
-            hint = {"404": "it does not exist (create it, or fix storage.s3.bucket)",
-                    "403": "access denied: check the keys and the bucket's policy",
-                    "400": "the request was refused: check storage.s3.region and addressing_style"}
-            code = next((hint[c] for c in hint if f"({c}" in str(exc)), None)
-            raise BucketError(f"cannot use bucket {self.location}: {code or exc}") from None
+            hint = {404: "it does not exist (create it, or fix storage.s3.bucket)",
+                    403: "access denied: check the keys and the bucket's policy",
+                    400: "the request was refused: check storage.s3.region and addressing_style"}
+            raise BucketError(f"cannot use bucket {self.location}: {hint.get(exc.status or 0, exc)}") from None
         probe = f"{self.config.prefix}probe/{secrets.token_hex(8)}"
         try:
             await self._call("put_object", Bucket=self.name, Key=probe, Body=b"")
@@ -339,7 +343,7 @@ class Bucket:
             absent = status == 404 and operation == "head_object"
             self._count(operation, "absent" if absent else "error", began)
             message = f"{operation} on {self.location} refused ({status} {error.get('Code', '')}): {error.get('Message', '')}"
-            raise (NotInBucket if absent else BucketError)(message.rstrip(": ")) from None
+            raise (NotInBucket if absent else BucketError)(message.rstrip(": "), status) from None
         except (BotoCoreError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
             self._count(operation, "error", began)
             raise BucketError(f"{operation} on {self.location} failed: {exc or 'timed out'}") from None
