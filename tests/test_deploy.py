@@ -646,6 +646,25 @@ def test_fleet_k8s_replicas_share_the_bucket_with_keys_from_the_secret(tmp_path:
     assert (s3.access_key_id, s3.secret_access_key) == ("stand-in-for-access_key_id", "stand-in-for-secret_access_key")
 
 
+def test_fleet_readme_creates_the_secrets_the_statefulset_reads() -> None:
+    pod = fleet_k8s_objects()["StatefulSet/mirror"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    wanted: dict[str, set[str]] = {}
+    for entry in container["env"]:
+        if ref := entry.get("valueFrom", {}).get("secretKeyRef"):
+            wanted.setdefault(ref["name"], set()).add(ref["key"])
+    for volume in pod["volumes"]:
+        if "secret" in volume:
+            wanted.setdefault(volume["secret"]["secretName"], set()).add("secret")
+    created = {}
+    for text in ((FLEET / "README.md").read_text(), (FLEET / "kustomization.yaml").read_text()):
+        commands = re.findall(r"kubectl create secret generic (\S+)((?: --from-file=\S+)+)", text)
+        assert {name for name, _ in commands} == set(wanted), text[:80]
+        for name, files in commands:
+            created[name] = {f.split("=", 1)[1] for f in files.split()}
+    assert created == wanted
+
+
 # -- systemd ---------------------------------------------------------------------------
 
 
