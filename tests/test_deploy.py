@@ -201,10 +201,48 @@ def haproxy_servers() -> list[tuple[str, str, str]]:
     return servers
 
 
+def fleet_compose() -> dict:
+    doc = load_yaml(DEPLOY / "fleet" / "compose.yaml")
+    assert isinstance(doc, dict)
+    return doc
+
+
+def interpolate(value: str, shell: dict[str, str]) -> str:
+    """`value` as compose passes it on: `${VAR:-default}` is `shell`'s VAR unless unset or empty,
+    then the default; a `${VAR}` without a default must be set."""
+    def substitute(m: re.Match[str]) -> str:
+        if shell.get(m[1]):
+            return shell[m[1]]
+        assert m[2] is not None, f"{m[0]} has no default: the fleet would not start without it"
+        return m[2]
+    return re.sub(r"\$\{(\w+)(?::-([^}]*))?\}", substitute, value)
+
+
+def compose_script(text: str) -> str:
+    """A shell script as compose hands it to the container: `$$` is a literal `$`, and a lone `$`
+    would be compose's own interpolation, which the fleet's scripts do not use."""
+    assert "$" not in text.replace("$$", ""), f"compose would interpolate in: {text}"
+    return text.replace("$$", "$")
+
+
+def replica_settings(cfg: configuration.Config, env: dict[str, str]) -> None:
+    """Every MIRROR_* variable of `env` is a setting `mirror.config.load` took into `cfg`, with its
+    value (load ignores a variable whose section it does not know: a typo would be lost)."""
+    sections = (("SERVER", cfg.server), ("CACHE", cfg.cache), ("STORAGE_S3", cfg.storage.s3),
+                ("STORAGE", cfg.storage))  # the order load matches prefixes in
+    for name, value in env.items():
+        assert name.startswith("MIRROR_"), f"{name}: not a mirror setting"
+        section, settings = next(((s, o) for s, o in sections if name.startswith(f"MIRROR_{s}_")), ("", None))
+        assert settings is not None, f"{name}: no such section"
+        key = name.removeprefix(f"MIRROR_{section}_").lower()
+        assert hasattr(settings, key), f"{name}: no setting {section.lower()}.{key}"
+        if isinstance(getattr(settings, key), str):
+            assert getattr(settings, key) == value, name
+
+
 def test_fleet_compose_gives_haproxy_the_replicas_it_names_each_with_its_own_cache() -> None:
     fleet = DEPLOY / "fleet"
-    doc = load_yaml(fleet / "compose.yaml")
-    assert isinstance(doc, dict)
+    doc = fleet_compose()
     services = doc["services"]
     servers = {name: default for name, _, default in haproxy_servers()}
     assert servers and all(name == host for name, host in servers.items())
@@ -222,6 +260,96 @@ def test_fleet_compose_gives_haproxy_the_replicas_it_names_each_with_its_own_cac
                 assert source in doc["volumes"], f"{name}: volume {source} is not declared"
         if build := service.get("build"):
             assert (fleet / build["context"] / build["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
+
+
+MINIO_SHELLS = ({}, {"MINIO_ROOT_USER": "fleet-admin", "MINIO_ROOT_PASSWORD": "s3cret-from-the-operator"})
+
+
+def test_fleet_compose_runs_minio_and_creates_the_bucket_before_the_replicas() -> None:
+    doc = fleet_compose()
+    services = doc["services"]
+    minio, bucket = services["minio"], services["bucket"]
+    assert minio["image"].split(":")[0] == "minio/minio" and minio["command"] == ["server", "/data"]
+    (data,) = [v.split(":")[0] for v in minio["volumes"] if v.split(":")[1] == "/data"]
+    assert data in doc["volumes"], "the bucket lives in a named volume"
+    assert "ports" not in minio, "only the replicas talk to the store"
+    assert bucket["image"].split(":")[0] == "minio/mc" and bucket["restart"] == "no"
+    assert "minio" in bucket["depends_on"]
+    for shell in MINIO_SHELLS:
+        root = {k: interpolate(v, shell) for k, v in minio["environment"].items()}
+        assert len(root["MINIO_ROOT_USER"]) >= 3 and len(root["MINIO_ROOT_PASSWORD"]) >= 8  # MinIO's minimums
+        if shell:
+            assert root == shell, "the operator's credentials replace the defaults"
+    for name, _, _ in haproxy_servers():
+        depends = services[name]["depends_on"]
+        assert depends["bucket"] == {"condition": "service_completed_successfully"}, name
+        assert depends["secret"] == {"condition": "service_completed_successfully"}, name
+
+
+def test_fleet_compose_replicas_use_the_bucket_minio_serves(tmp_path: Path) -> None:
+    """The replicas' environment, as compose passes it, is accepted by `mirror.config.load` with the
+    configuration file they mount, and names MinIO's bucket with MinIO's own credentials."""
+    doc = fleet_compose()
+    services = doc["services"]
+    for shell in MINIO_SHELLS:
+        root = {k: interpolate(v, shell) for k, v in services["minio"]["environment"].items()}
+        for name, _, _ in haproxy_servers():
+            replica = services[name]
+            env = {k: interpolate(str(v), shell) for k, v in replica["environment"].items()}
+            config_path = replica["command"][replica["command"].index("--config") + 1]
+            mounts = {target: source for source, target, *_ in (v.split(":") for v in replica["volumes"])}
+            cfg = configuration.load(str(DEPLOY / "fleet" / mounts[config_path]), env=env)
+            replica_settings(cfg, env)
+            s3 = cfg.storage.s3
+            assert cfg.storage.backend == "s3" and s3.bucket == "mirror"
+            endpoint = urlsplit(s3.endpoint_url)
+            assert endpoint.hostname == "minio" and endpoint.port == 9000  # MinIO's API port, in compose's network
+            assert (s3.access_key_id, s3.secret_access_key) == (root["MINIO_ROOT_USER"], root["MINIO_ROOT_PASSWORD"])
+            assert not s3.redirect, "clients outside compose cannot reach minio:9000"
+        assert services["bucket"]["environment"] == services["mirror1"]["environment"], "one bucket"
+
+
+def fake_mc(tmp_path: Path, alias_failures: int) -> tuple[dict[str, str], Path]:
+    """A PATH whose `mc` logs its arguments and fails its first `alias_failures` `alias` calls (MinIO
+    not up yet), and whose `sleep` only logs; and the log."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    (bin_dir / "mc").write_text(f"""#!/bin/sh
+echo "mc $*" >> {calls}
+if [ "$1" = alias ] && [ "$(grep -c '^mc alias' {calls})" -le {alias_failures} ]; then
+  echo "mc: Unable to initialize new alias: connection refused" >&2
+  exit 1
+fi
+""")
+    (bin_dir / "sleep").write_text(f"#!/bin/sh\necho \"sleep $*\" >> {calls}\n")
+    for tool in ("mc", "sleep"):
+        (bin_dir / tool).chmod(0o755)
+    return {"PATH": f"{bin_dir}:/usr/bin:/bin"}, calls
+
+
+def run_bucket_service(tmp_path: Path, alias_failures: int) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    bucket = fleet_compose()["services"]["bucket"]
+    assert bucket["entrypoint"][:2] == ["sh", "-c"]
+    script = compose_script(bucket["entrypoint"][2])
+    path, calls = fake_mc(tmp_path, alias_failures)
+    env = {k: interpolate(str(v), {}) for k, v in bucket["environment"].items()} | path
+    done = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    return done, calls.read_text().splitlines()
+
+
+def test_fleet_compose_bucket_service_waits_for_minio_then_creates_the_bucket(tmp_path: Path) -> None:
+    """Runs the bucket service's script, with a stand-in `mc`, as its container would."""
+    done, calls = run_bucket_service(tmp_path, alias_failures=2)
+    assert done.returncode == 0, done.stderr
+    alias = "mc alias set fleet http://minio:9000 mirror change-this-password"
+    assert calls == [alias, "sleep 1", alias, "sleep 1", alias, "mc mb --ignore-existing fleet/mirror"]
+
+
+def test_fleet_compose_bucket_service_gives_up_after_a_minute(tmp_path: Path) -> None:
+    done, calls = run_bucket_service(tmp_path, alias_failures=1000)
+    assert done.returncode != 0
+    assert "cannot create bucket mirror at http://minio:9000" in done.stderr
+    assert calls.count("sleep 1") == 59 and not any(c.startswith("mc mb") for c in calls)
 
 
 def test_haproxy_checks_the_fleet_config() -> None:
@@ -483,6 +611,58 @@ def test_fleet_k8s_haproxy_servers_are_the_statefulset_pods() -> None:
     assert hosts == pods  # in order: every haproxy builds the same ring
     names = [e["name"] for e in container["env"]]
     assert names.index("POD_NAMESPACE") == 0  # defined before the values that refer to it
+
+
+def test_fleet_k8s_replicas_share_the_bucket_with_keys_from_the_secret(tmp_path: Path) -> None:
+    """The StatefulSet's environment, with stand-ins for the Secret's values, is accepted by
+    `mirror.config.load` with the ConfigMap's file, as the pods would load it."""
+    objects = fleet_k8s_objects()
+    pod = objects["StatefulSet/mirror"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    names = [e["name"] for e in container["env"]]
+    assert len(names) == len(set(names))
+    env, from_secret = {}, {}
+    for entry in container["env"]:
+        if "value" in entry:
+            env[entry["name"]] = entry["value"]
+        else:
+            ref = entry["valueFrom"]["secretKeyRef"]
+            from_secret[entry["name"]] = (ref["name"], ref["key"])
+            env[entry["name"]] = f"stand-in-for-{ref['key']}"
+    assert env["MIRROR_STORAGE_BACKEND"] == "s3"
+    assert from_secret == {"MIRROR_STORAGE_S3_ACCESS_KEY_ID": ("mirror-fleet-s3", "access_key_id"),
+                           "MIRROR_STORAGE_S3_SECRET_ACCESS_KEY": ("mirror-fleet-s3", "secret_access_key")}
+    assert "Secret/mirror-fleet-s3" not in objects, "created by hand, like mirror-fleet-secret"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    config_path = container["args"][container["args"].index("--config") + 1]
+    config_map = objects[f"ConfigMap/{volumes['config']['configMap']['name']}"]
+    (tmp_path / "mirror.toml").write_text(config_map["data"][Path(config_path).name])
+    assert Path(config_path).parent == Path(mounts["config"])
+    cfg = configuration.load(str(tmp_path / "mirror.toml"), env=env)
+    replica_settings(cfg, env)
+    s3 = cfg.storage.s3
+    assert cfg.storage.backend == "s3" and s3.bucket == "mirror" and s3.endpoint_url.startswith("https://")
+    assert (s3.access_key_id, s3.secret_access_key) == ("stand-in-for-access_key_id", "stand-in-for-secret_access_key")
+
+
+def test_fleet_readme_creates_the_secrets_the_statefulset_reads() -> None:
+    pod = fleet_k8s_objects()["StatefulSet/mirror"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    wanted: dict[str, set[str]] = {}
+    for entry in container["env"]:
+        if ref := entry.get("valueFrom", {}).get("secretKeyRef"):
+            wanted.setdefault(ref["name"], set()).add(ref["key"])
+    for volume in pod["volumes"]:
+        if "secret" in volume:
+            wanted.setdefault(volume["secret"]["secretName"], set()).add("secret")
+    created = {}
+    for text in ((FLEET / "README.md").read_text(), (FLEET / "kustomization.yaml").read_text()):
+        commands = re.findall(r"kubectl create secret generic (\S+)((?: --from-file=\S+)+)", text)
+        assert {name for name, _ in commands} == set(wanted), text[:80]
+        for name, files in commands:
+            created[name] = {f.split("=", 1)[1] for f in files.split()}
+    assert created == wanted
 
 
 # -- systemd ---------------------------------------------------------------------------
