@@ -327,6 +327,8 @@ def _storage(raw: Mapping[str, Any], source: str) -> StorageConfig:
             s3 = replace(s3, **{name: Path(key_file).read_text().strip()})
         except OSError as exc:
             raise ConfigError(source, f"storage.s3.{name}_file", f"cannot read {key_file}: {exc.strerror}") from None
+    # keys hold no whitespace: a newline from `echo` into a secret store is not part of one
+    s3 = replace(s3, **{k: v.strip() for k in ("access_key_id", "secret_access_key") if (v := getattr(s3, k)) is not None})
     if (s3.access_key_id is None) != (s3.secret_access_key is None):
         raise ConfigError(source, "storage.s3.access_key_id", "set both keys (or neither, for the AWS_* variables)")
     if s3.max_size and parse_size(s3.max_size)[0] is None:

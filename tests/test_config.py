@@ -265,8 +265,10 @@ secret_access_key_file = "{tmp_path / 'secret'}"
 
 def test_s3_storage_from_the_environment(tmp_path: Path) -> None:
     cfg = load(None, env={"MIRROR_STORAGE_BACKEND": "s3", "MIRROR_STORAGE_S3_BUCKET": "from-env",
-                          "MIRROR_STORAGE_S3_REDIRECT": "true"})
+                          "MIRROR_STORAGE_S3_REDIRECT": "true", "MIRROR_STORAGE_S3_ACCESS_KEY_ID": "AKID\n",
+                          "MIRROR_STORAGE_S3_SECRET_ACCESS_KEY": " secret\n"})
     assert (cfg.storage.backend, cfg.storage.s3.bucket, cfg.storage.s3.redirect) == ("s3", "from-env", True)
+    assert (cfg.storage.s3.access_key_id, cfg.storage.s3.secret_access_key) == ("AKID", "secret")
     with pytest.raises(ConfigError) as info:
         load(None, env={"MIRROR_STORAGE_S3_PREFIX": "/abs"})
     assert str(info.value).startswith("environment MIRROR_STORAGE_S3_PREFIX: storage.s3.prefix")

@@ -154,8 +154,8 @@ class BlobService:
                 size = os.fstat(file.fileno()).st_size
                 if self.shared is not None:
                     self.shared.used(digest)
-                    if redirectable and self.shared.redirect and await self.shared.size(digest) is not None:
-                        return BlobRedirect(digest, size, await self.shared.url(digest))
+                    if redirectable and self.shared.redirect and (redirect := await self._redirect(digest, size)):
+                        return redirect
                 hit, file = BlobHit(digest, size, file), None
                 return hit
             if fetch is None and self.shared is not None and not self.inflight.local_only:
@@ -217,6 +217,18 @@ class BlobService:
             fetch.leave()
             raise
         return BlobFetch(fetch, "hit")
+
+    async def _redirect(self, digest: str, size: int) -> BlobRedirect | None:
+        """A redirect to what the bucket holds of a blob stored here too; None (the bytes are sent
+        from here) if the bucket lacks it or fails: its failure is counted, and the hit still served."""
+        assert self.shared is not None
+        try:
+            if await self.shared.size(digest) is None:
+                return None
+        except RegistryError as exc:
+            log.warning("sending %s from the local copy: %s", digest, exc.message)
+            return None
+        return BlobRedirect(digest, size, await self.shared.url(digest))
 
     def _open(self, digest: str) -> BinaryIO | None:
         """The stored blob, open for reading; None if it is not stored (or was just evicted)."""

@@ -219,6 +219,18 @@ async def test_a_failing_bucket_is_a_503_naming_it_never_the_local_disk_alone(
     assert await get(m, f"/v2/{REPO}/blobs/{digest}") == (200, data)
 
 
+async def test_redirect_mode_sends_its_own_copy_when_the_bucket_fails(
+        replica: Replica, fake_registry: FakeRegistry, s3: S3Gateway, failing_bucket: FaultProxy) -> None:
+    data = os.urandom(10_000)
+    digest = fake_registry.add_blob(REPO, data)
+    m = await replica(s3.config(endpoint_url=failing_bucket.url, read_timeout=1.0), redirect=True)
+    assert await get(m, f"/v2/{REPO}/blobs/{digest}", allow_redirects=False) == (200, data)
+    await settled(m)
+    assert (await m.client.get(f"/v2/{REPO}/blobs/{digest}", allow_redirects=False)).status == 307
+    failing_bucket.status = 500
+    assert await get(m, f"/v2/{REPO}/blobs/{digest}", allow_redirects=False) == (200, data)
+
+
 async def test_a_bucket_that_hangs_is_a_503_within_one_request_s_timeouts(
         replica: Replica, fake_registry: FakeRegistry, s3: S3Gateway, failing_bucket: FaultProxy) -> None:
     digest = fake_registry.add_blob(REPO, os.urandom(1000))
