@@ -306,7 +306,34 @@ def test_fleet_compose_replicas_use_the_bucket_minio_serves(tmp_path: Path) -> N
             assert endpoint.hostname == "minio" and endpoint.port == 9000  # MinIO's API port, in compose's network
             assert (s3.access_key_id, s3.secret_access_key) == (root["MINIO_ROOT_USER"], root["MINIO_ROOT_PASSWORD"])
             assert not s3.redirect, "clients outside compose cannot reach minio:9000"
-        assert services["bucket"]["environment"] == services["mirror1"]["environment"], "one bucket"
+        bucket_env = services["bucket"]["environment"].items()
+        assert bucket_env <= services["mirror1"]["environment"].items(), "one bucket"
+
+
+def test_fleet_compose_sizes_fit_the_one_disk_the_volumes_share(tmp_path: Path) -> None:
+    """Every volume of a compose project is a directory on the Docker host's disk: a replica's
+    cap is a size, not a share of that disk (which each replica and MinIO would count as its
+    own), and the bucket has a cap too. The sum is what the comment tells the operator to plan."""
+    services = fleet_compose()["services"]
+    comment = (FLEET / "compose.yaml").read_text()
+    for shell in ({}, {"MIRROR_REPLICA_MAX_SIZE": "50GiB", "MIRROR_BUCKET_MAX_SIZE": "1TiB"}):
+        total = 0
+        for name, _, _ in haproxy_servers():
+            replica_service = services[name]
+            env = {k: interpolate(str(v), shell) for k, v in replica_service["environment"].items()}
+            config_path = replica_service["command"][replica_service["command"].index("--config") + 1]
+            mounts = {target: source for source, target, *_ in (v.split(":") for v in replica_service["volumes"])}
+            cfg = configuration.load(str(FLEET / mounts[config_path]), env=env)
+            replica, share = configuration.parse_size(cfg.cache.max_size)
+            assert replica is not None and share is None, f"{name}: cache.max_size {cfg.cache.max_size!r} is a share"
+            total += replica
+            bucket, _ = configuration.parse_size(cfg.storage.s3.max_size)
+            assert bucket is not None and bucket > replica, "the bucket holds more than any one local copy"
+        total += bucket
+        if shell:
+            assert total == 3 * 50 * 2**30 + 2**40, "the operator's sizes replace the defaults"
+        else:
+            assert f": {total // 2**30} GiB with the defaults" in comment
 
 
 def fake_mc(tmp_path: Path, alias_failures: int) -> tuple[dict[str, str], Path]:
