@@ -29,6 +29,7 @@ import pytest
 
 from mirror.storage.secret import SECRET_FILE, data_dir_secret
 from tests.fakes.fault_proxy import FaultProxy
+from tests.integration.clients import Skopeo
 from tests.integration.images import DOCKER_MANIFEST, OCI_MANIFEST, Blob, push_blob, push_image
 from tests.integration.mirror_process import MirrorProcess
 from tests.integration.process import http_status, stop, wait_ready
@@ -64,7 +65,8 @@ class Fleet:
         self.mirrors = [MirrorProcess(workdir / f"mirror{i}", upstream_url, extra=s3.toml(self.prefix))
                         for i in (1, 2, 3)]
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.host = f"127.0.0.1:{self.port}"
+        self.url = f"http://{self.host}"
         self.config = workdir / "haproxy.cfg"
         self.log = workdir / "haproxy.log"
         self._process: subprocess.Popen[bytes] | None = None
@@ -359,3 +361,17 @@ def test_redirect_sends_every_worker_s_clients_to_the_bucket(
 class NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args: object, **kwargs: object) -> None:
         return None
+
+
+def test_skopeo_pulls_an_image_through_the_fleet_and_each_replica_serves_it_after_one_upstream_get(
+    upstream: UpstreamRegistry, fleet: Fleet, repo: str, skopeo_client: Skopeo
+) -> None:
+    image = push_image(upstream, repo, "v1", layers=3)
+    assert skopeo_client.pull(fleet.host, repo, "v1") == image.digest
+    for mirror in fleet.mirrors:
+        mirror.wait_idle()  # everything fetched is uploaded
+    # each replica, asked directly, serves the whole image from its copy or the bucket
+    for mirror in fleet.mirrors:
+        assert skopeo_client.pull(mirror.host, repo, image.digest) == image.digest
+    for blob in image.blobs:
+        assert blob_gets(upstream, blob.digest) == 1, blob.digest
