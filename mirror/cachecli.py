@@ -257,6 +257,9 @@ def _print(op: str, result: dict[str, Any], as_json: bool) -> None:
         print(f"hits     {hits:.1%} of requests since start")
     if result.get("oldest_access"):
         print(f"oldest   last used {time.strftime('%Y-%m-%d %H:%M', time.localtime(result['oldest_access']))}")
+    if bucket := result.get("bucket"):
+        cap = f" of {bucket['max_bytes'] / mib:.1f} MiB" if bucket["max_bytes"] else " (no cap)"
+        print(f"bucket   {bucket['location']}: {bucket['objects']} objects, {bucket['size_bytes'] / mib:.1f} MiB{cap}")
     if result["pins"]:
         print("pinned   " + ", ".join(result["pins"]))
     for title, key, unit in (("largest", "top_by_size", "bytes"), ("most hit", "top_by_hits", "hits")):

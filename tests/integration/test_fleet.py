@@ -364,7 +364,7 @@ class NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 def test_skopeo_pulls_an_image_through_the_fleet_and_each_replica_serves_it_after_one_upstream_get(
-    upstream: UpstreamRegistry, fleet: Fleet, repo: str, skopeo_client: Skopeo
+    upstream: UpstreamRegistry, fleet: Fleet, repo: str, skopeo_client: Skopeo, s3: S3Gateway
 ) -> None:
     image = push_image(upstream, repo, "v1", layers=3)
     assert skopeo_client.pull(fleet.host, repo, "v1") == image.digest
@@ -375,3 +375,8 @@ def test_skopeo_pulls_an_image_through_the_fleet_and_each_replica_serves_it_afte
         assert skopeo_client.pull(mirror.host, repo, image.digest) == image.digest
     for blob in image.blobs:
         assert blob_gets(upstream, blob.digest) == 1, blob.digest
+    stats = subprocess.run([sys.executable, "-m", "mirror", "cache", "stats", "--config", str(fleet.mirrors[0].config)],
+                           capture_output=True, text=True, timeout=60)
+    assert stats.returncode == 0, stats.stderr
+    shared = re.search(rf"bucket   s3://{s3.bucket}/{fleet.prefix} at \S+: (\d+) objects", stats.stdout)
+    assert shared and int(shared[1]) == len(image.blobs) + 1, stats.stdout  # the manifest and its blobs
