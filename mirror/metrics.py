@@ -88,7 +88,7 @@ class Metrics:
             "mirror_evicted_bytes", "Bytes removed from the cache to stay under its size cap", registry=r)
         self.bucket_requests = Counter(
             "mirror_bucket_requests", "Requests to the shared bucket (storage.backend s3), by operation and outcome "
-            "(ok, absent, error; timeout: a client request gave up waiting)", ["op", "outcome"], registry=r)
+            "(ok, absent, error; timeout: a client request gave up waiting; aborted: an upload whose fetch failed)", ["op", "outcome"], registry=r)
         self.bucket_request_duration = Histogram(
             "mirror_bucket_request_duration_seconds", "Time the shared bucket took to answer (to headers for GET)",
             ["op"], registry=r,

@@ -312,12 +312,14 @@ class Bucket:
 
     async def _put(self, url_coro: Any, length: int, body: Callable[[], AsyncIterator[bytes]], op: str) -> str:
         """PUT the `length` bytes `body()` yields to a presigned URL, retrying network failures and
-        5xx (with a fresh `body()`); returns the ETag."""
+        5xx (with a fresh `body()`); returns the ETag. What `body()` raises propagates as it is
+        (aiohttp would wrap it as a connection error)."""
         url = await url_coro
         for attempt in range(1, PART_ATTEMPTS + 1):
             began = time.monotonic()
+            source = _Source(body())
             try:
-                async with self._session.put(url, data=body(), headers={"Content-Length": str(length)}) as resp:
+                async with self._session.put(url, data=source.chunks(), headers={"Content-Length": str(length)}) as resp:
                     answer = await resp.text(errors="replace")
                     if resp.status == 200:
                         self._count(op, "ok", began)
@@ -327,6 +329,9 @@ class Bucket:
                         self._count(op, "error", began)
                         raise BucketError(f"{self.location} refused {op}: {problem}")
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                if source.error is not None:
+                    self._count(op, "aborted", began)
+                    raise source.error from None
                 problem = str(exc) or "timed out"
             self._count(op, "error", began)
             log.warning("%s to %s failed (attempt %d of %d): %s", op, self.location, attempt, PART_ATTEMPTS, problem)
@@ -356,6 +361,22 @@ class Bucket:
 
 
 READ_SIZE = 1 << 20  # bytes read from a file per chunk of an upload: memory per upload in flight
+
+
+class _Source:
+    """An upload's body, remembering what it raised."""
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self._chunks = chunks
+        self.error: BaseException | None = None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._chunks:
+                yield chunk
+        except Exception as exc:
+            self.error = exc
+            raise
 
 
 @functools.cache

@@ -292,3 +292,19 @@ async def test_an_upload_runs_while_the_blob_arrives_and_completes_only_once_ver
     async with s3.client() as client:
         uploads = await client.list_multipart_uploads(Bucket=s3.bucket, Prefix=shared.bucket.config.prefix)
     assert not uploads.get("Uploads")
+
+
+async def test_a_blob_that_fails_its_digest_check_is_never_published(
+        replica: Replica, fake_registry: FakeRegistry, caplog: pytest.LogCaptureFixture) -> None:
+    data = os.urandom(20 << 20)  # several parts, all but the last uploaded before the check
+    digest = fake_registry.add_blob(REPO, data)
+    m = await replica()
+    fake_registry.corrupt_blobs = True
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await get(m, f"/v2/{REPO}/blobs/{digest}")
+    await settled(m)
+    shared = m.services.blobs.shared
+    assert shared is not None
+    assert await shared.size(digest) is None
+    assert "not shared" not in caplog.text  # aborted because the fetch failed, not a bucket failure
+    assert m.services.metrics.bucket_requests.labels("abort_multipart_upload", "ok")._value.get() == 1
