@@ -74,7 +74,7 @@ class Metrics:
             "mirror_tag_revalidations", "Upstream revalidations of expired tags",
             ["result"], registry=r)
         self.inflight_fetches = Gauge(
-            "mirror_inflight_fetches", "Blob fetches from upstream in progress", registry=r,
+            "mirror_inflight_fetches", "Blob fetches in progress (from upstream, or copies from a fleet's bucket)", registry=r,
             multiprocess_mode="livesum")
         self.digest_mismatches = Counter(
             "mirror_digest_mismatches", "Upstream content that did not match its digest (discarded)",

@@ -1,4 +1,7 @@
-"""One upstream fetch per digest for the whole process; every reader follows the growing file.
+"""One fetch per digest for the whole process; every reader follows the growing file.
+
+A fetch reads from upstream or, in a fleet, copies what another replica stored from the shared
+bucket (`fill`): the same verified path either way.
 
 The fetch is a task owned by the app, not by a request: a client that
 disconnects does not cancel it, so the cache still fills. Readers (the first
@@ -258,8 +261,8 @@ class Inflight:
         and join it.
 
         `size_of` is asked for the blob's size if upstream sends it without Content-Length:
-        readers then still get a length, and the bytes are checked against it. Once stored, the
-        blob is published to the shared tier, if there is one.
+        readers then still get a length, and the bytes are checked against it. With a shared
+        tier, the blob is uploaded to it as it arrives (see `share`).
         """
         return self._start(digest, upstream.name, repo, Source(
             upstream.name, lambda: upstream.open_blob(repo, digest, creds), size_of, shared=False), on_stored)
