@@ -369,6 +369,7 @@ class Mirror(System):
         self.src = (src or REPO_ROOT).resolve()  # the directory holding the `mirror` package to run
         self.log = workdir / "mirror.log"
         self.data_dir = workdir / "data"
+        self.storage_toml = ""  # `[storage]` tables appended to the config (default: the filesystem store)
 
     def write_config(self, data_dir: Path) -> Path:
         path = self.workdir / "mirror.toml"
@@ -379,6 +380,7 @@ class Mirror(System):
             'shutdown_timeout = "5s"\n'
             '[upstreams."docker.io"]\n'
             f'url = "{self.upstream_url}"\n'
+            + self.storage_toml
         )
         return path
 
