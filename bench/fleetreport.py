@@ -126,6 +126,11 @@ def _real_hosts(r: Results, p: dict[str, Any]) -> list[str]:
     def f(case: str, system: str, key: str, fmt: str = "{:.2f}") -> str:
         return _fig(r, case, system, key, fmt)
 
+    def per_core(case: str, system: str, key: str) -> str:
+        """GB/s one core sustains at the median CPU s/GB."""
+        value = _median(r.get(case, {}).get(system), key)
+        return f"{1 / value:.1f}" if value else "?"
+
     return [
         "### What would change on real hosts",
         "",
@@ -136,15 +141,25 @@ def _real_hosts(r: Results, p: dict[str, Any]) -> list[str]:
         "haproxy spreads digests over them, so capacity for hits grows with the replicas while a cold digest "
         "is still fetched once fleet-wide (one owner; the others copy it from the bucket).",
         "",
-        f"The CPU figures say what a replica costs per GB. Warm hits are sendfile from local disk: "
-        f"{f('warm', 's3', 'cpu_mirror')} CPU s/GB with the S3 store, {f('warm', 'filesystem', 'cpu_mirror')} with "
-        f"the filesystem store, so the store does not change the hit path. A cold fetch costs the mirror "
+        "The CPU figures predict what each part needs per GB served, wherever it runs (the inverse is GB/s "
+        f"per core). Warm hits are sendfile from local disk: {f('warm', 's3', 'cpu_mirror')} CPU s/GB with the S3 "
+        f"store, {f('warm', 'filesystem', 'cpu_mirror')} with the filesystem store (the store does not change the "
+        f"hit path), about {per_core('warm', 's3', 'cpu_mirror')} GB/s of large blobs per core, so a replica's "
+        "NIC bounds its large hits long before its CPUs do (10 Gb/s is 1.25 GB/s). Pulls of small layers cost "
+        f"more per GB ({f('pulls', 'one', 'cpu_mirrors')} s/GB, {per_core('pulls', 'one', 'cpu_mirrors')} GB/s "
+        "per core: work per request). haproxy in HTTP mode copies every byte through user space: "
+        f"{f('pulls', 'fleet', 'cpu_haproxy')} s/GB for the pulls and {f('concurrent', 'fleet', 'cpu_haproxy')} "
+        f"s/GB for the large blob (the replicas behind it: {f('pulls', 'fleet', 'cpu_mirrors')} and "
+        f"{f('concurrent', 'fleet', 'cpu_mirrors')}), about {per_core('pulls', 'fleet', 'cpu_haproxy')} GB/s of "
+        "pulls per core; its host needs cores in proportion to the fleet's traffic, or it, not the replicas, "
+        "caps the fleet. A cold fetch costs the mirror "
         f"{f('cold', 'filesystem', 'cpu_mirror')} CPU s/GB with the filesystem store and "
         f"{f('cold', 's3', 'cpu_mirror')} with the S3 store: the difference is the upload (reading the stored file "
-        f"back and sending it over HTTP), paid once per digest fleet-wide. A replica filling from the bucket pays "
-        f"{f('bucket', 's3', 'cpu_mirror')} CPU s/GB (the same verifying pipeline as an upstream fetch). The "
-        f"gateway's share ({f('cold', 's3', 'cpu_gateway')} s/GB receiving, {f('bucket', 's3', 'cpu_gateway')} s/GB "
-        "sending) runs on S3's machines with a real bucket, not the replicas'.",
+        "back and sending it over HTTP), paid once per digest fleet-wide. Any other replica that needs the blob "
+        f"pays {f('bucket', 's3', 'cpu_mirror')} CPU s/GB to copy it from the bucket (the same verifying pipeline "
+        f"as an upstream fetch) instead of an upstream fetch. The gateway's share ({f('cold', 's3', 'cpu_gateway')} "
+        f"s/GB receiving, {f('bucket', 's3', 'cpu_gateway')} s/GB sending) runs on S3's machines with a real "
+        "bucket, not the replicas'.",
         "",
         f"S3 is remote on real hosts: a fill from the bucket runs at the replica's bandwidth to S3 "
         f"(here loopback: {f('bucket', 's3', 'mbps', '{:.0f}')} MB/s, first byte "

@@ -49,12 +49,12 @@ RSS_TARGET: Target = ("< 100 MiB per process",
 
 def format_values(metric: Metric, values: list[float], cell: Cell) -> str:
     """The median in `metric.fmt`, "/total" for counts of a total, and "(min–max)" when they differ."""
-    med = statistics.median(values)
-    text = metric.fmt.format(med)
+    median = metric.fmt.format(statistics.median(values))
+    text = median
     if metric.of_total and metric.key in cell.totals:
         text += f"/{cell.totals[metric.key]}"
     lo, hi = min(values), max(values)
-    if len(values) > 1 and (metric.fmt.format(lo) != text or metric.fmt.format(hi) != text):
+    if len(values) > 1 and (metric.fmt.format(lo) != median or metric.fmt.format(hi) != median):
         text += f" ({metric.fmt.format(lo)}–{metric.fmt.format(hi)})"
     return text
 
