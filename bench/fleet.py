@@ -37,7 +37,7 @@ from bench.replicas import Replicas, metric_total, wait_stored
 from bench.report import command_line
 from bench.scenarios import Cell, _blob_path, _get_checked, pull_spec, quiesce, run_loadgen
 from bench.seed import BlobFile, Seeded, seed
-from bench.systems import Direct, Mirror, System, UpstreamRegistry, _which
+from bench.systems import MIRROR_LOG_PROBLEMS, Direct, Mirror, System, UpstreamRegistry, _grep, _which
 from tests.integration.s3 import S3Gateway, juicefs_binary
 
 MiB = 1024 * 1024
@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     _log(f"work directory {workdir}")
     gateway = S3Gateway(workdir / "s3", juicefs_binary())
     run: Run | None = None
+    log_notes: list[str] = []
     try:
         upstream = UpstreamRegistry(workdir / "upstream", registry)
         upstream.start()
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                   args.concurrency, _log)
         _measure(run)
         upstream.stop()
+        log_notes = _log_problems(workdir)
     finally:
         gateway.stop()
         stop_all()
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     store_table, fleet_table, has_errors = tables(results, params)
     print(store_table + "\n\n" + fleet_table)
     text = section(command, started, time.time() - started, (load_before, os.getloadavg()), params,
-                   provenance if run is not None else "?", results, store_table, fleet_table)
+                   provenance if run is not None else "?", results, store_table, fleet_table, log_notes)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("a") as f:
         f.write(text)
@@ -173,6 +175,15 @@ def _measure(run: Run) -> None:
         for name, count in (("one", 1), ("fleet", FLEET_SIZE)):
             replicas = Replicas(run.workdir / name, run.upstream.url, run.mirror_src, count, run.haproxy)
             _guarded(run, (case,), name, partial(measure, run, name, replicas))
+
+
+def _log_problems(workdir: Path) -> list[str]:
+    """A note on the error and warning lines of every mirror's log, with a few distinct ones."""
+    lines = [line for log in sorted(workdir.rglob("mirror.log")) for line in _grep(log, MIRROR_LOG_PROBLEMS)]
+    # Without their timestamps, so repeats of one message count once among the examples.
+    distinct = list(dict.fromkeys(line.split(" ", 2)[-1][:240] for line in lines))
+    note = f"error, warning and traceback lines in the mirrors' logs: {len(lines)}"
+    return [note + (f", e.g. {' ⏎ '.join(distinct[:3])}" if distinct else "")]
 
 
 def _guarded(run: Run, cases: tuple[str, ...], system: str, measure: Callable[[], None]) -> None:

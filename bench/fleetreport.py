@@ -178,7 +178,8 @@ def _real_hosts(r: Results, p: dict[str, Any]) -> list[str]:
 
 
 def section(command: str, started: float, seconds: float, load: tuple[tuple[float, float, float], ...],
-            params: dict[str, Any], provenance: str, results: Results, store_table: str, fleet_table: str) -> str:
+            params: dict[str, Any], provenance: str, results: Results, store_table: str, fleet_table: str,
+            log_notes: list[str]) -> str:
     """The RESULTS.md section of one run (appended after the existing ones)."""
     m = machine()
     v = versions()
@@ -189,6 +190,7 @@ def section(command: str, started: float, seconds: float, load: tuple[tuple[floa
     loads = " → ".join("/".join(f"{x:.2f}" for x in triple) for triple in load)
     notes = [f"- {case} / {system}: {note[:1200]}" for case, cells in results.items()
              for system, cell in cells.items() for note in dict.fromkeys(cell.notes)]
+    notes += [f"- {note[:1200]}" for note in log_notes]
     return "\n".join([
         "",
         "## S3 store and fleet (`bench.fleet`): S3 against filesystem store, three replicas against one",

@@ -360,6 +360,8 @@ class Drayage(System):
 
 # --- the mirror -----------------------------------------------------------------------------
 
+MIRROR_LOG_PROBLEMS = (" ERROR ", " CRITICAL ", "Traceback", " WARNING ")  # lines worth a note
+
 class Mirror(System):
     name = "mirror"
 
@@ -398,7 +400,7 @@ class Mirror(System):
         return self._wait_ready("/readyz", timeout=timeout)
 
     def log_problems(self) -> list[str]:
-        return _grep(self.log, (" ERROR ", " CRITICAL ", "Traceback", " WARNING "))
+        return _grep(self.log, MIRROR_LOG_PROBLEMS)
 
 
 # The last line of a Python traceback: "package.module.SomeError: message".
