@@ -315,8 +315,8 @@ def _pulls(run: Run, name: str, replicas: Replicas) -> None:
     img = run.seeded.image
     cell = run.cell("pulls", name)
     cell.totals["ok"] = run.pulls
-    replicas.start(run.s3_toml())
     try:
+        replicas.start(run.s3_toml())
         warm = run_loadgen(pull_spec(img, replicas.host, replicas.port, 1, 1))
         if warm["ok"] != 1:
             raise RuntimeError(f"warming pull failed: {warm['errors']}")
@@ -348,8 +348,8 @@ def _concurrent(run: Run, name: str, replicas: Replicas) -> None:
     cell = run.cell("concurrent", name)
     cell.totals["verified"] = run.concurrency
     for rep in range(run.repeat):
-        replicas.start(run.s3_toml())
         try:
+            replicas.start(run.s3_toml())
             quiesce()
             groups = {**replicas.groups(), **run.gateway_group()}
             mark = run.upstream.mark()
