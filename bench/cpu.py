@@ -40,3 +40,17 @@ def snapshot(groups: Groups) -> dict[str, float]:
 def used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """CPU seconds each group used between two snapshots of the same groups."""
     return {name: after[name] - before[name] for name in before}
+
+
+def machine_busy() -> float:
+    """CPU seconds all CPUs of the machine have been busy (not idle nor waiting for I/O) since boot."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / _TICKS
+
+
+def own_and_reaped() -> float:
+    """CPU seconds of this process and of its children that have ended and been waited for."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system

@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     command = command_line(argv if argv is not None else sys.argv[1:], module="bench.fleet")
     workdir = Path(tempfile.mkdtemp(prefix="mirror-bench-fleet-"))
     started, load_before = time.time(), os.getloadavg()
+    busy_before, own_before = cpu.machine_busy(), cpu.own_and_reaped()
     _log(f"work directory {workdir}")
     gateway = S3Gateway(workdir / "s3", juicefs_binary())
     run: Run | None = None
@@ -144,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
             _log(f"kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+    # Every process the run started has ended and been reaped: what the machine's CPUs did besides
+    # is other work, which would have competed with the measurements.
+    others = cpu.machine_busy() - busy_before - (cpu.own_and_reaped() - own_before)
     results = run.results if run is not None else {}
     params: dict[str, object] = {
         "blob_mib": args.blob_mib, "shared_mib": args.shared_mib, "concurrency": args.concurrency,
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     store_table, fleet_table, has_errors = tables(results, params)
     print(store_table + "\n\n" + fleet_table)
-    text = section(command, started, time.time() - started, (load_before, os.getloadavg()), params,
+    text = section(command, started, time.time() - started, load_before, others, params,
                    provenance if run is not None else "?", results, store_table, fleet_table, log_notes)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("a") as f:

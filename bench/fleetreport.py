@@ -2,6 +2,7 @@
 compared: S3/filesystem, fleet/one) and the section it appends to RESULTS.md."""
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Any
@@ -177,17 +178,17 @@ def _real_hosts(r: Results, p: dict[str, Any]) -> list[str]:
     ]
 
 
-def section(command: str, started: float, seconds: float, load: tuple[tuple[float, float, float], ...],
+def section(command: str, started: float, seconds: float, load: tuple[float, float, float], others: float,
             params: dict[str, Any], provenance: str, results: Results, store_table: str, fleet_table: str,
             log_notes: list[str]) -> str:
-    """The RESULTS.md section of one run (appended after the existing ones)."""
+    """The RESULTS.md section of one run (appended after the existing ones); `load` is the load
+    average when it began, `others` the CPU seconds the machine spent on other work during it."""
     m = machine()
     v = versions()
     juicefs = _which("juicefs")
     haproxy = _which("haproxy") or _which("/usr/sbin/haproxy")
     v["juicefs"] = version_of([juicefs, "version"]) if juicefs else "not installed"
     v["haproxy"] = version_of([haproxy, "-v"]) if haproxy else "not installed"
-    loads = " → ".join("/".join(f"{x:.2f}" for x in triple) for triple in load)
     notes = [f"- {case} / {system}: {note[:1200]}" for case, cells in results.items()
              for system, cell in cells.items() for note in dict.fromkeys(cell.notes)]
     notes += [f"- {note[:1200]}" for note in log_notes]
@@ -197,8 +198,10 @@ def section(command: str, started: float, seconds: float, load: tuple[tuple[floa
         "",
         f"- **date**: {time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(started))} (run took {seconds / 60:.1f} min)",
         f"- **command**: `{command}` (from the repository root)",
-        f"- **machine**: nproc {m['nproc']}, CPU {m['cpu']}, memory {m['memory']}, kernel {m['kernel']}; "
-        f"load average (1/5/15 min) {loads} (start → end)",
+        f"- **machine**: nproc {m['nproc']}, CPU {m['cpu']}, memory {m['memory']}, kernel {m['kernel']}",
+        f"- **other work**: load average {'/'.join(f'{x:.2f}' for x in load)} (1/5/15 min) at the start; during the "
+        f"run other processes used {others:.1f} CPU s, {others / seconds / (os.cpu_count() or 1) * 100:.0f}% of the "
+        "machine (its busy time from /proc/stat less this run's processes')",
         "- **versions**: " + ", ".join(f"{k} {val}" for k, val in v.items() if k not in ("nginx", "drayage", "wrk")),
         f"- **mirror under test**: {provenance}",
         "- **parameters**: " + ", ".join(f"{k}={val}" for k, val in params.items()),
