@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -43,6 +44,7 @@ from tests.integration.s3 import S3Gateway, juicefs_binary
 MiB = 1024 * 1024
 GB = 1e9
 FLEET_SIZE = 3  # deploy/fleet/haproxy.cfg names three replicas
+_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ")
 
 
 @dataclass
@@ -183,11 +185,13 @@ def _measure(run: Run) -> None:
 
 def _log_problems(workdir: Path) -> list[str]:
     """A note on the error and warning lines of every mirror's log, with a few distinct ones."""
-    lines = [line for log in sorted(workdir.rglob("mirror.log")) for line in _grep(log, MIRROR_LOG_PROBLEMS)]
+    found = {log: _grep(log, MIRROR_LOG_PROBLEMS) for log in sorted(workdir.rglob("mirror.log"))}
+    lines = [line for problems in found.values() for line in problems]
     # Without their timestamps, so repeats of one message count once among the examples.
-    distinct = list(dict.fromkeys(line.split(" ", 2)[-1][:240] for line in lines))
+    distinct = list(dict.fromkeys(_TIMESTAMP.sub("", line.strip())[:240] for line in lines))
+    where = ", ".join(str(log.parent.relative_to(workdir)) for log, problems in found.items() if problems)
     note = f"error, warning and traceback lines in the mirrors' logs: {len(lines)}"
-    return [note + (f", e.g. {' ⏎ '.join(distinct[:3])}" if distinct else "")]
+    return [note + (f" (in {where}): {' ⏎ '.join(distinct[:4])}" if distinct else "")]
 
 
 def _guarded(run: Run, cases: tuple[str, ...], system: str, measure: Callable[[], None]) -> None:
