@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                       args.layers, args.layer_kib * 1024)
         _log(f"seeded upstream {upstream.url} in {time.monotonic() - t0:.1f}s: {args.blob_mib} MiB blob "
              f"{seeded.big.digest[:19]}…, {args.shared_mib} MiB blob, {args.layers}-layer image")
-        mirror_src, provenance = _mirror_source(args.mirror_src, workdir)
+        mirror_src, provenance = mirror_source(args.mirror_src, workdir)
         _log(f"mirror under test: {provenance}")
         bench = Bench(workdir, upstream, seeded, args.repeat, args.concurrency, args.pulls, 2,
                       args.wrk_connections, args.wrk_seconds, args.startup_objects, _log,
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if has_errors else 0
 
 
-def _mirror_source(given: Path | None, workdir: Path) -> tuple[Path, str]:
+def mirror_source(given: Path | None, workdir: Path) -> tuple[Path, str]:
     """The `mirror` package to run, and where it came from. By default a snapshot of this
     checkout's `mirror/` taken now, so edits made while the bench runs do not mix versions."""
     if given is not None:

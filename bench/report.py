@@ -47,13 +47,14 @@ RSS_TARGET: Target = ("< 100 MiB per process",
                       lambda v, m, c: None if c.rss_proc_mib is None else c.rss_proc_mib < 100)
 
 
-def _fmt(metric: Metric, values: list[float], cell: Cell) -> str:
-    med = statistics.median(values)
-    text = metric.fmt.format(med)
+def format_values(metric: Metric, values: list[float], cell: Cell) -> str:
+    """The median in `metric.fmt`, "/total" for counts of a total, and "(min–max)" when they differ."""
+    median = metric.fmt.format(statistics.median(values))
+    text = median
     if metric.of_total and metric.key in cell.totals:
         text += f"/{cell.totals[metric.key]}"
     lo, hi = min(values), max(values)
-    if len(values) > 1 and (metric.fmt.format(lo) != text or metric.fmt.format(hi) != text):
+    if len(values) > 1 and (metric.fmt.format(lo) != median or metric.fmt.format(hi) != median):
         text += f" ({metric.fmt.format(lo)}–{metric.fmt.format(hi)})"
     return text
 
@@ -112,7 +113,7 @@ def table(scenarios: list[Scenario], results: dict[str, dict[str, Cell]], params
                     has_errors = True
                     value, r_peer, r_limit, target = "error: no value", "–", "–", ""
                 else:
-                    value = _fmt(metric, values, cell)
+                    value = format_values(metric, values, cell)
                     med = statistics.median(values)
                     r_peer = _x(_ratio(med, best)) if metric.better in ("lower", "higher") else "–"
                     r_limit = _x(_ratio(med, limit))
@@ -141,7 +142,8 @@ def _target(scenario: str, metric: Metric, med: float, medians: Medians, cell: C
 
 # --- RESULTS.md -------------------------------------------------------------------------------
 
-def command_line(argv: list[str]) -> str:
+def command_line(argv: list[str], module: str = "bench") -> str:
+    """How to run `python -m module argv` again from the repository root."""
     python = Path(sys.executable)
     try:
         shown = str(python.relative_to(REPO_ROOT)) if python.is_relative_to(REPO_ROOT) else python.name
@@ -149,7 +151,7 @@ def command_line(argv: list[str]) -> str:
         shown = python.name
     if shown == "python3" or not shown:
         shown = "python"
-    return " ".join([shown, "-m", "bench", *map(shlex.quote, argv)])
+    return " ".join([shown, "-m", module, *map(shlex.quote, argv)])
 
 
 def machine() -> dict[str, str]:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable
 
 from bench import httpclient
 from bench.procs import RssMonitor
-from bench.seed import BLOB_REPO, MANIFEST_ACCEPT
+from bench.seed import BLOB_REPO, MANIFEST_ACCEPT, Image
 from bench.systems import Direct, Mirror, System
 
 if TYPE_CHECKING:
@@ -218,10 +218,10 @@ def run_concurrent(b: "Bench", system: System, cell: Cell) -> None:
 
 # --- 200 concurrent warm pulls of a 20-layer image -------------------------------------------------------
 
-def _pull_spec(b: "Bench", system: System, n: int, verify_every: int) -> dict[str, object]:
-    img = b.seeded.image
+def pull_spec(img: Image, host: str, port: int, n: int, verify_every: int) -> dict[str, object]:
+    """The loadgen spec of `n` concurrent pulls of `img` from host:port (every `verify_every`-th hashed)."""
     return {
-        "mode": "pulls", "host": system.host, "port": system.port, "n": n, "verify_every": verify_every,
+        "mode": "pulls", "host": host, "port": port, "n": n, "verify_every": verify_every,
         "manifest_path": f"/v2/{img.repo}/manifests/{img.tag}", "manifest_digest": img.digest,
         "accept": MANIFEST_ACCEPT,
         "blobs": [[_blob_path(x.digest, img.repo), x.digest, x.size] for x in img.blobs],
@@ -235,7 +235,7 @@ def run_pulls(b: "Bench", system: System, cell: Cell) -> None:
 
     def warm_pull() -> None:
         for attempt in range(1, 4):  # one pull fills the cache, every body verified
-            warm = run_loadgen(_pull_spec(b, system, 1, 1))
+            warm = run_loadgen(pull_spec(b.seeded.image, system.host, system.port, 1, 1))
             if warm["ok"] == 1:
                 return
             cell.notes.append(f"warming pull attempt {attempt}/3 failed: {warm['errors']}")
@@ -249,7 +249,7 @@ def run_pulls(b: "Bench", system: System, cell: Cell) -> None:
             b.upstream.settle(mark, b.seeded.image.blobs[-1].digest, quiet=0.5)
         quiesce()
         for rep in range(b.repeat):
-            res = run_loadgen(_pull_spec(b, system, n, 10))
+            res = run_loadgen(pull_spec(b.seeded.image, system.host, system.port, n, 10))
             cell.add("wall", float(res["wall"]))  # type: ignore[arg-type]
             cell.add("ok", float(res["ok"]))  # type: ignore[arg-type]
             if res["p99"] is not None:

@@ -360,6 +360,8 @@ class Drayage(System):
 
 # --- the mirror -----------------------------------------------------------------------------
 
+MIRROR_LOG_PROBLEMS = (" ERROR ", " CRITICAL ", "Traceback", " WARNING ")  # lines worth a note
+
 class Mirror(System):
     name = "mirror"
 
@@ -369,6 +371,7 @@ class Mirror(System):
         self.src = (src or REPO_ROOT).resolve()  # the directory holding the `mirror` package to run
         self.log = workdir / "mirror.log"
         self.data_dir = workdir / "data"
+        self.storage_toml = ""  # `[storage]` tables appended to the config (default: the filesystem store)
 
     def write_config(self, data_dir: Path) -> Path:
         path = self.workdir / "mirror.toml"
@@ -379,6 +382,7 @@ class Mirror(System):
             'shutdown_timeout = "5s"\n'
             '[upstreams."docker.io"]\n'
             f'url = "{self.upstream_url}"\n'
+            + self.storage_toml
         )
         return path
 
@@ -396,7 +400,7 @@ class Mirror(System):
         return self._wait_ready("/readyz", timeout=timeout)
 
     def log_problems(self) -> list[str]:
-        return _grep(self.log, (" ERROR ", " CRITICAL ", "Traceback", " WARNING "))
+        return _grep(self.log, MIRROR_LOG_PROBLEMS)
 
 
 # The last line of a Python traceback: "package.module.SomeError: message".

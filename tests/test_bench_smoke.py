@@ -67,3 +67,54 @@ def test_quick_bench_fills_every_cell(tmp_path: Path) -> None:
         assert value and not value.startswith("error"), row
         if value.startswith("unavailable"):
             assert cells[2] in OPTIONAL, row
+
+
+@pytest.mark.integration
+def test_quick_fleet_bench_fills_every_cell(tmp_path: Path) -> None:
+    """`python -m bench.fleet --quick`: the S3 store and the fleet measured, and what must hold
+    whatever the speed: one upstream GET per cold blob, none for a fill from the bucket."""
+    from bench.fleetreport import FLEET_ROWS, FLEET_SYSTEMS, STORE_ROWS
+    from tests.integration.s3 import juicefs_binary
+
+    for binary in ("docker-registry", "haproxy"):
+        require_binary(binary)
+    juicefs_binary()
+    out, raw_path = tmp_path / "RESULTS.md", tmp_path / "fleet.json"
+    out.write_text("# earlier sections\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.fleet", "--quick", "--out", str(out), "--json", str(raw_path)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-4000:]}"
+
+    raw = json.loads(raw_path.read_text())["results"]
+    expected = {("cold", "direct"): ("ttlb", "ttfb"), ("bucket", "s3"): STORE_ROWS["bucket"]}
+    for case in ("cold", "warm"):
+        for system in ("filesystem", "s3"):
+            expected[(case, system)] = STORE_ROWS[case]
+    for case, metrics in FLEET_ROWS.items():
+        for system in FLEET_SYSTEMS:
+            expected[(case, system)] = metrics
+    absent = {"filesystem": {"cpu_upstream", "cpu_gateway"}, "s3": {"cpu_upstream"}, "one": {"cpu_haproxy"},
+              "fleet": {"cpu_upstream"}}
+    for (case, system), metrics in expected.items():
+        cell = raw[case][system]
+        assert cell["error"] is None, f"{case} × {system}: {cell['error']}"
+        for metric in metrics:
+            key = metric if isinstance(metric, str) else metric.key
+            if key in absent.get(system, set()):
+                continue  # no such process there
+            assert cell["values"].get(key), f"{case} × {system}: no {key}"
+    for system in ("filesystem", "s3"):
+        assert raw["cold"][system]["values"]["upstream_gets"] == [1]
+    assert raw["bucket"]["s3"]["values"]["upstream_gets"] == [0]
+    for system in FLEET_SYSTEMS:
+        assert raw["concurrent"][system]["values"]["upstream_gets"] == [1]
+        assert raw["concurrent"][system]["values"]["verified"] == [raw["concurrent"][system]["totals"]["verified"]]
+        assert raw["pulls"][system]["values"]["ok"] == [raw["pulls"][system]["totals"]["ok"]]
+
+    text = out.read_text()
+    assert text.startswith("# earlier sections\n"), "the section must be appended"
+    assert "## S3 store and fleet" in text and "### What would change on real hosts" in text
+    assert "| error: " not in text

@@ -91,6 +91,11 @@ class S3Gateway:
             raise RuntimeError(f"juicefs gateway exited with {self._process.returncode}:\n{self.log_tail()}")
         return http_status(f"{self.endpoint_url}/minio/health/live") == 200
 
+    @property
+    def pid(self) -> int | None:
+        """The running gateway's process id (None when stopped)."""
+        return self._process.pid if self._process is not None and self._process.poll() is None else None
+
     def stop(self) -> None:
         """Terminate the gateway's process group (kill it if it lingers)."""
         process, self._process = self._process, None
