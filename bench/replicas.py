@@ -115,10 +115,10 @@ def metric_total(system: System, name: str, labels: str = "") -> float:
 
 
 def wait_stored(mirror: System, timeout: float = 300.0) -> float:
-    """Wait until `mirror` has no fetch in flight (`mirror_inflight_fetches` 0: stored locally
-    and, with the S3 store, uploaded to the bucket); the time it was seen, perf_counter seconds."""
+    """Wait until `mirror` has no fetch in flight (`mirror_inflight_fetches` 0: stored locally)
+    nor upload to the bucket (`mirror_bucket_uploads` 0); the time it was seen, perf_counter seconds."""
     deadline = time.monotonic() + timeout
-    while metric_total(mirror, "mirror_inflight_fetches") > 0:
+    while metric_total(mirror, "mirror_inflight_fetches") + metric_total(mirror, "mirror_bucket_uploads") > 0:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{mirror.name} on port {mirror.port}: fetches still in flight after {timeout:.0f}s")
         time.sleep(0.01)

@@ -93,6 +93,9 @@ class Metrics:
             "mirror_bucket_request_duration_seconds", "Time the shared bucket took to answer (to headers for GET)",
             ["op"], registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.bucket_uploads = Gauge(
+            "mirror_bucket_uploads", "Uploads to the shared bucket in progress (a blob is shared once its upload ends)",
+            registry=r, multiprocess_mode="livesum")
         self.bucket_bytes = Counter(
             "mirror_bucket_bytes", "Content bytes moved to (up) and from (down) the shared bucket",
             ["direction"], registry=r)

@@ -98,6 +98,7 @@ class SharedContent:
         joined `fetch` for this; left here). The upload completes, publishing the blob, only once
         every byte hashed to its digest; a fetch that fails aborts it. Failures are logged: the
         blob is cached here whatever becomes of its upload."""
+        self._metrics.bucket_uploads.inc()
         try:
             size = fetch.size
             if size is None:  # upstream sent no length: the parts can be cut only at the end
@@ -113,6 +114,7 @@ class SharedContent:
             return  # nothing verified to share; the upload was aborted
         finally:
             fetch.leave()
+            self._metrics.bucket_uploads.dec()
         self._marked[fetch.digest] = self._clock()
         self._metrics.bucket_bytes.labels("up").inc(size)
 

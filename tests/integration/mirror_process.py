@@ -92,8 +92,10 @@ class MirrorProcess:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
 
     def wait_idle(self, timeout: float = 30.0) -> None:
-        """Wait until no fetch is running: clients get their bytes before the mirror has stored them."""
-        wait_until_sync(lambda: self.metric("mirror_inflight_fetches"), check=lambda n: n == 0, timeout=timeout,
+        """Wait until no fetch or upload to a fleet's bucket is running: clients get their bytes
+        before the mirror has stored and shared them."""
+        wait_until_sync(lambda: self.metric("mirror_inflight_fetches") + self.metric("mirror_bucket_uploads"),
+                        check=lambda n: n == 0, timeout=timeout,
                         what="no fetch running")
 
     def metric(self, name: str, **labels: str) -> float:
