@@ -127,7 +127,7 @@ def build(config: Config, clock: Callable[[], float] = time.time, role: WorkerRo
                  for name, cfg in config.upstreams.items()}
     inflight = Inflight(store, metrics, on_disk_full=lambda: evictor.wake(), local_only=secondary,
                         on_written=lambda: evictor.written(), room=lambda size: evictor.room(size),
-                        share=shared.share if shared and not secondary else None)
+                        publish=shared.publish if shared and not secondary else None)
     access = AccessPolicy(metadata, clock)
     router = Router(upstreams, config.server.default_upstream)
     services = routes.Services(

@@ -124,13 +124,10 @@ class Fetch:
         if not self._began and self.error is not None:
             raise self.error
 
-    async def spans(self, start: int = 0, end: int | None = None, hold: bool = True) -> AsyncIterator[Span]:
+    async def spans(self, start: int = 0, end: int | None = None) -> AsyncIterator[Span]:
         """Yield [start, end) as spans of the temp file (or of memory, past a full disk) as the
         bytes arrive; raises FetchFailed if the fetch fails.
 
-        With `hold`, the last byte of [start, end) waits until the whole blob hashed to its digest
-        (see `_unverified_limit`); without, bytes come as written, for a reader that publishes
-        nothing before the digest check (an upload, completed only after its last part, held).
         Call only between `join` and `leave`, after `wait_started`. A span is consumed when the
         next one is asked for.
         """
@@ -141,7 +138,7 @@ class Fetch:
             while end is None or pos < end:
                 if self.error is not None:
                     raise FetchFailed(str(self.error))
-                available = self.written if self.done or self.verified or not hold else self._unverified_limit(end)
+                available = self.written if self.done or self.verified else self._unverified_limit(end)
                 if pos < available:
                     span = self._span_at(pos, available if end is None else min(available, end))
                     yield span
@@ -198,7 +195,7 @@ class Fetch:
 OnStored = Callable[[Fetch], Awaitable[None]]
 SizeOf = Callable[[], Awaitable[int | None]]
 Download = Callable[[], Awaitable[aiohttp.ClientResponse]]
-Share = Callable[["Fetch"], Awaitable[None]]
+Publish = Callable[[str, int], Awaitable[None]]
 
 
 class Source(NamedTuple):
@@ -217,21 +214,21 @@ class Inflight:
     def __init__(
         self, store: ContentStore, metrics: Metrics, on_disk_full: Callable[[], None] = lambda: None,
         local_only: bool = False, on_written: Callable[[], None] = lambda: None,
-        room: Callable[[int], AbstractAsyncContextManager[None]] | None = None, share: Share | None = None,
+        room: Callable[[int], AbstractAsyncContextManager[None]] | None = None, publish: Publish | None = None,
     ) -> None:
         """`on_written` is called after every batch written to a temp file (cheap, synchronous);
         `room(size)` is entered before a verified blob is moved into the store and left once its
         row is written: it makes room for `size` bytes and holds it until they count as stored.
-        `share(fetch)` is started, with the fetch joined for it, for every fetch from upstream once
-        it has begun (a fleet's bucket uploads it as it arrives); it leaves the fetch when done and
-        logs its own failures: the blob is cached here whatever becomes of its upload."""
+        `publish(digest, size)` is started in the background for every blob fetched from upstream
+        once it is stored (a fleet's bucket uploads it); it logs its own failures: the blob is
+        cached here whatever becomes of its upload."""
         self._store = store
         self._local_only = local_only  # in a secondary worker: fetches happen in the primary
         self._metrics = metrics
         self._on_disk_full = on_disk_full
         self._on_written = on_written
         self._room = room or (lambda _size: contextlib.nullcontext())
-        self._share = share
+        self._publish = publish
         self._fetches: dict[str, Fetch] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -262,7 +259,7 @@ class Inflight:
 
         `size_of` is asked for the blob's size if upstream sends it without Content-Length:
         readers then still get a length, and the bytes are checked against it. With a shared
-        tier, the blob is uploaded to it as it arrives (see `share`).
+        tier, the blob is uploaded to it once stored (see `publish`).
         """
         return self._start(digest, upstream.name, repo, Source(
             upstream.name, lambda: upstream.open_blob(repo, digest, creds), size_of, shared=False), on_stored)
@@ -370,8 +367,6 @@ class Inflight:
                     size = await source.size_of()
                 writer = self._store.writer(fetch.digest, size)  # its commit checks the size too
                 fetch._begin(writer, size)
-                if self._share is not None and not source.shared:
-                    self._background(self._share(fetch.join()))
                 await self._pump(fetch, writer, resp.content)
                 if source.shared:
                     self._metrics.bucket_bytes.labels("down").inc(writer.written)
@@ -383,6 +378,10 @@ class Inflight:
                 async with self._room(writer.written):
                     await asyncio.to_thread(writer.commit)
                     await on_stored(fetch)
+                if self._publish is not None and not source.shared:
+                    # after the commit, not beside the download: on the same CPUs an upload
+                    # racing the fetch doubled a cold client's time (bench/RESULTS.md)
+                    self._background(self._publish(fetch.digest, writer.written))
         except DigestMismatch as exc:
             error = exc
             if source.on_mismatch is not None:

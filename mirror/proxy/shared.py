@@ -3,8 +3,8 @@ what this one verified (see mirror.storage.bucket for the bucket itself).
 
 A replica reads the bucket only for content it lacks locally, and copies it into its own store
 through the same verifying path as an upstream fetch, so nothing in the bucket is served unverified
-and the bytes it serves next go out by sendfile. What it fetches from upstream it uploads as the
-bytes arrive, and publishes once they are verified. Content the replica uses is marked as used in the bucket (at most every MARK_INTERVAL
+and the bytes it serves next go out by sendfile. What it fetched from upstream, verified and
+stored, it uploads. Content the replica uses is marked as used in the bucket (at most every MARK_INTERVAL
 per digest), so eviction on the bucket spares it.
 
 A bucket that fails is never silently replaced by the local disk: a request that would have to ask
@@ -19,7 +19,7 @@ import contextlib
 import logging
 import os
 import time
-from typing import Any, AsyncIterator, Callable, Coroutine
+from typing import Any, AsyncIterator, BinaryIO, Callable, Coroutine
 
 import aiohttp
 from cachetools import LRUCache
@@ -27,8 +27,7 @@ from cachetools import LRUCache
 from mirror.errors import RegistryError
 from mirror.manifest import MANIFEST_MAX_BYTES
 from mirror.metrics import Metrics
-from mirror.proxy.inflight import Fetch, FetchFailed
-from mirror.storage.bucket import READ_SIZE, Bucket, BucketError
+from mirror.storage.bucket import READ_SIZE, Bucket, BucketError, Chunks
 from mirror.storage.store import ContentStore
 
 log = logging.getLogger("mirror.shared")
@@ -93,29 +92,22 @@ class SharedContent:
         self._marked[digest] = now
         self._background(self.bucket.mark_used(digest), f"marking {digest} as used")
 
-    async def share(self, fetch: Fetch) -> None:
-        """Upload a blob being fetched from upstream as its bytes arrive (for `Inflight`, which
-        joined `fetch` for this; left here). The upload completes, publishing the blob, only once
-        every byte hashed to its digest; a fetch that fails aborts it. Failures are logged: the
-        blob is cached here whatever becomes of its upload."""
+    async def publish(self, digest: str, size: int) -> None:
+        """Upload a blob fetched from upstream, verified and stored here, of `size` bytes (for
+        `Inflight`). Failures are logged: the blob is cached here whatever becomes of its upload."""
+        file = self.store.open(digest)
+        if file is None:
+            return  # evicted already: nothing to share
         self._metrics.bucket_uploads.inc()
         try:
-            size = fetch.size
-            if size is None:  # upstream sent no length: the parts can be cut only at the end
-                async with contextlib.aclosing(fetch.spans()) as spans:
-                    async for _ in spans:
-                        pass
-                size = fetch.written
-            await self.bucket.upload(fetch.digest, size, lambda offset, length: _arriving(fetch, offset, length))
+            with file:
+                await self.bucket.upload(digest, size, _file_chunks(file))
         except BucketError as exc:
-            log.error("%s is cached here but not shared with the fleet: %s", fetch.digest, exc)
+            log.error("%s is cached here but not shared with the fleet: %s", digest, exc)
             return
-        except FetchFailed:
-            return  # nothing verified to share; the upload was aborted
         finally:
-            fetch.leave()
             self._metrics.bucket_uploads.dec()
-        self._marked[fetch.digest] = self._clock()
+        self._marked[digest] = self._clock()
         self._metrics.bucket_bytes.labels("up").inc(size)
 
     def publish_manifest(self, digest: str, body: bytes) -> None:
@@ -153,22 +145,17 @@ class SharedContent:
         task.add_done_callback(self._tasks.discard)
 
 
-async def _arriving(fetch: Fetch, offset: int, length: int) -> AsyncIterator[bytes]:
-    """[offset, offset + length) of a fetch in chunks as its bytes arrive; raises FetchFailed if it
-    fails. The blob's last byte comes only once the whole blob hashed to its digest: the part that
-    ends with it is the last to complete, so the upload completes only with verified bytes."""
-    last = offset + length == fetch.size
-    with fetch.open_file() as file:
-        async with contextlib.aclosing(fetch.spans(offset, offset + length, hold=last)) as spans:
-            async for span in spans:
-                if span.data is not None:  # past a full disk: held in memory
-                    yield span.data
-                    continue
-                position, end = span.offset, span.offset + span.count
-                while position < end:
-                    chunk = await asyncio.to_thread(os.pread, file.fileno(), min(READ_SIZE, end - position), position)
-                    position += len(chunk)
-                    yield chunk
+def _file_chunks(file: BinaryIO) -> Chunks:
+    """A stored file's bytes a chunk at a time, read in a thread (a layer is never all in memory)."""
+    async def chunks(offset: int, length: int) -> AsyncIterator[bytes]:
+        position, end = offset, offset + length
+        while position < end:
+            chunk = await asyncio.to_thread(os.pread, file.fileno(), min(READ_SIZE, end - position), position)
+            if not chunk:
+                raise BucketError(f"the file to upload ended {end - position} bytes early")
+            position += len(chunk)
+            yield chunk
+    return chunks
 
 
 def _unavailable(exc: BucketError) -> RegistryError:

@@ -6,12 +6,9 @@ replica finds it instead of asking upstream.
 
 Layout under the configured prefix:
 - `content/sha256/<64 hex>`: verified bytes, blobs and manifests alike. An object appears
-  only whole: a PUT or a completed multipart upload publishes it. The parts of a blob are
-  uploaded as it arrives from upstream, but the part that ends with its last byte waits for
-  the digest check, and the upload completes only after it: nothing unverified is ever
-  published. A failed upload is aborted; one a crash left behind (invisible: no object) is
-  aborted by `sweep` once older than ABANDONED_AFTER (an S3 lifecycle rule that aborts
-  incomplete multipart uploads does it sooner).
+  only whole: a PUT or a completed multipart upload publishes it, and only content already
+  verified and stored by the replica is uploaded. A failed upload is aborted; one a crash left
+  behind (invisible: no object) is aborted by `sweep` once older than ABANDONED_AFTER.
 - `used/sha256/<64 hex>`: empty markers whose LastModified says when a replica last used the
   content; eviction on the bucket (mirror.cache.bucketeviction) goes by them.
 
@@ -192,9 +189,8 @@ class Bucket:
     async def upload(self, digest: str, size: int, chunks: Chunks) -> None:
         """Publish the `size` bytes of `digest` that `chunks(offset, length)` yields (asked again for
         a range whose upload is retried): one PUT, or a multipart upload whose completion publishes
-        it, aborted if anything fails. The bytes may still be arriving: each part is sent as its
-        chunks come, so only what `chunks` yields, and only once it ends, is ever published.
-        Raises BucketError; any error `chunks` raises aborts the upload and propagates."""
+        it, aborted if anything fails. Raises BucketError; what `chunks` raises aborts the upload
+        and propagates."""
         key = self.key(digest)
         if size < PART_SIZE:
             await self._put(self._presign("put_object", Key=key), size, lambda: chunks(0, size), "put")
