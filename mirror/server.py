@@ -101,14 +101,29 @@ async def serve(
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        on_listening()
-        await stop.wait()
+        await until_signalled(on_listening)
     finally:
         await runner.cleanup()
+
+
+async def until_signalled(on_waiting: Callable[[], None]) -> None:
+    """Return at the first SIGTERM or SIGINT (`on_waiting` is called once they are caught); later
+    ones are ignored while the caller shuts down.
+
+    A second signal is usual (a service manager signals every process of the group, then a
+    supervisor its workers) and changes nothing. Ignoring it also keeps it from asyncio's handler
+    after the loop closed its wakeup pipe: `loop.close` closes the pipe before it removes its
+    signal handlers, and a signal in between is reported as "Bad file descriptor".
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    on_waiting()
+    await stop.wait()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
 
 
 @web.middleware

@@ -30,7 +30,7 @@ from mirror.adminsocket import AdminSocketError
 from mirror.app import make_app
 from mirror.config import EXIT_CONFIG, Config
 from mirror.observe import ACCESS_LOGGER, AccessLogger, setup_logging
-from mirror.server import MirrorRunner
+from mirror.server import MirrorRunner, until_signalled
 from mirror.storage.lock import DataDirLock
 from mirror.storage.secret import data_dir_secret
 from mirror.storage.bucket import BucketError
@@ -285,12 +285,10 @@ async def _serve_worker(config: Config, tls: ssl.SSLContext | None, role: Worker
             await web.SockSite(runner, sock, ssl_context=tls).start()
         if role.primary:  # plain HTTP: only sibling workers can open the private directory it is in
             await web.UnixSite(runner, role.primary_socket).start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        os.write(ready_fd, b"r")
-        os.close(ready_fd)
-        await stop.wait()
+
+        def ready() -> None:
+            os.write(ready_fd, b"r")
+            os.close(ready_fd)
+        await until_signalled(ready)
     finally:
         await runner.cleanup()
