@@ -149,9 +149,10 @@ def test_remove(store: FileStore) -> None:
 def test_digests_ignores_files_that_are_not_content(store: FileStore) -> None:
     store.put(DIGEST, DATA)
     other = "b" * 64
-    (store.content_dir / "cc").mkdir()
-    (store.content_dir / "cc" / other).write_bytes(b"misplaced")  # wrong 2-hex directory
-    (store.content_dir / "cc" / "notes.txt").write_text("hi")
+    wrong = next(d for d in ("cc", "ce") if d != DIGEST[7:9])  # DIGEST is random: not its directory
+    (store.content_dir / wrong).mkdir()
+    (store.content_dir / wrong / other).write_bytes(b"misplaced")  # wrong 2-hex directory
+    (store.content_dir / wrong / "notes.txt").write_text("hi")
     (store.content_dir / DIGEST[7:9] / (DIGEST[7:] + ".part")).write_bytes(b"x")
     (store.content_dir / "README").write_text("a stray file, not a directory")
     (store.content_dir / "dd" / ("d" * 64)).mkdir(parents=True)  # a directory with a digest name
