@@ -51,6 +51,7 @@ from mirror.workers.role import WorkerRole
 log = logging.getLogger("mirror")
 
 FLUSH_SECONDS = 5.0
+RECONCILED = web.AppKey("reconciled", asyncio.Event)  # set once the start-up reconciliation is done
 
 
 @dataclass
@@ -173,6 +174,9 @@ def make_app(config: Config, clock: Callable[[], float] = time.time, role: Worke
         middlewares.insert(1, forward_middleware(parts.link))
     app = web.Application(middlewares=middlewares)
     app[METRICS] = parts.metrics
+    app[RECONCILED] = asyncio.Event()
+    if secondary:
+        app[RECONCILED].set()  # the primary reconciles
     app[routes.SERVICES] = services
     routes.setup(app)
     if secondary:
@@ -195,7 +199,11 @@ def make_app(config: Config, clock: Callable[[], float] = time.time, role: Worke
             background = [asyncio.get_running_loop().create_task(_flush(parts.metadata))]
             running.push_async_callback(_cancel, background)
             if not secondary:
-                await reconcile(parts.store, parts.metadata)
+                # Reconciling reads every stored object's name, so it runs beside serving, not before
+                # it: start-up then does not grow with the cache (1M objects: 7.7 s before ready). Until
+                # it is done a row without its file reads as a miss, and a file without its row is
+                # confirmed upstream before it is served, as after any crash.
+                background.append(asyncio.get_running_loop().create_task(_reconcile(parts, app[RECONCILED])))
                 background.append(asyncio.get_running_loop().create_task(parts.evictor.run()))
                 if parts.bucket_evictor is not None:
                     background.append(asyncio.get_running_loop().create_task(parts.bucket_evictor.run()))
@@ -233,6 +241,15 @@ def hit_ratio(metrics: Metrics) -> float | None:
     total = sum(counts.values())
     cached = counts.get("hit", 0) + counts.get("coalesced", 0) + counts.get("stale", 0)
     return cached / total if total else None
+
+
+async def _reconcile(parts: Parts, done: asyncio.Event) -> None:
+    try:
+        await reconcile(parts.store, parts.metadata)
+    except Exception:
+        log.exception("could not reconcile the content store with its metadata; `mirror cache gc` tries again")
+    finally:
+        done.set()
 
 
 async def _flush(metadata: Metadata) -> None:

@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import BaseTestServer, TestServer
 
-from mirror.app import make_app
+from mirror.app import RECONCILED, make_app
 from mirror.server import MirrorRunner
 from tests.conftest import FakeClock, Mirror, mirror_config
 from tests.fakes.registry import FakeRegistry
@@ -50,7 +50,9 @@ async def mirror(fake_registry: FakeRegistry, tmp_path: Path, aiohttp_client) ->
     assert fake_registry.url
     app = make_app(mirror_config(fake_registry.url, tmp_path / "data"), clock=clock)
     server: BaseTestServer = _MirrorTestServer(app)
-    return Mirror(await aiohttp_client(server), clock, app, tmp_path / "data")
+    client = await aiohttp_client(server)
+    await app[RECONCILED].wait()  # the start-up reconciliation lists the store beside serving
+    return Mirror(client, clock, app, tmp_path / "data")
 
 
 @pytest.fixture
