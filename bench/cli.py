@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from bench import report
-from bench.procs import stop_all
+from bench.procs import exit_on_sigterm, stop_all
 from bench.scenarios import ALL_SYSTEMS, BY_NAME, SCENARIOS, Cell, run_cell
 from bench.seed import Seeded, seed
 from bench.systems import (
@@ -88,10 +88,6 @@ def _log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # runs the `finally` that stops every process
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.quick:
@@ -104,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if registry is None:
         print("bench: docker-registry not found (apt-get install docker-registry): it is the upstream", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     command = report.command_line(argv if argv is not None else sys.argv[1:])
     workdir = Path(tempfile.mkdtemp(prefix="mirror-bench-"))
     started = time.time()

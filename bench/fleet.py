@@ -33,7 +33,7 @@ from bench import cpu
 from bench.cli import DEFAULT_OUT, mirror_source
 from bench.fleetreport import Results, section, tables
 from bench.httpclient import Response
-from bench.procs import stop_all
+from bench.procs import exit_on_sigterm, stop_all
 from bench.replicas import Replicas, metric_total, wait_stored
 from bench.report import command_line
 from bench.scenarios import Cell, _blob_path, _get_checked, pull_spec, quiesce, run_loadgen
@@ -103,10 +103,6 @@ def _log(message: str) -> None:
     print(f"[bench.fleet {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # runs the `finally` that stops every process
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.quick:
@@ -117,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench.fleet: needs docker-registry (the upstream) and haproxy (apt-get install docker-registry haproxy)",
               file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     command = command_line(argv if argv is not None else sys.argv[1:], module="bench.fleet")
     workdir = Path(tempfile.mkdtemp(prefix="mirror-bench-fleet-"))
     started, load_before = time.time(), os.getloadavg()

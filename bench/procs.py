@@ -26,6 +26,11 @@ _LIVE: list["Managed"] = []
 _LIVE_LOCK = threading.Lock()
 
 
+def exit_on_sigterm(signum: int, frame: object) -> None:
+    """A SIGTERM handler for the bench's entry points: exit through the `finally` that stops every process."""
+    raise SystemExit(128 + signum)
+
+
 def free_port() -> int:
     """A loopback port that was free a moment ago (the kernel picks it)."""
     with socket.socket() as s:

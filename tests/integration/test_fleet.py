@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.replicas import HAPROXY_CFG, render_haproxy
 from mirror.storage.secret import SECRET_FILE, data_dir_secret
 from tests.fakes.fault_proxy import FaultProxy
 from tests.integration.clients import Skopeo
@@ -39,22 +40,6 @@ from tests.waiting import wait_until_sync
 
 pytestmark = pytest.mark.integration
 
-HAPROXY_CFG = Path(__file__).parents[2] / "deploy" / "fleet" / "haproxy.cfg"
-
-
-def render(config: str, listen: str, servers: dict[str, str]) -> str:
-    """`config` with its one `bind` address replaced by `listen` and each `server NAME ADDRESS`
-    pointed at `servers[NAME]`; fails if the file no longer has exactly those lines."""
-    config, binds = re.subn(r"^(\s*bind )\S+", rf"\g<1>{listen}", config, flags=re.MULTILINE)
-    named: list[str] = []
-
-    def address(m: re.Match[str]) -> str:
-        named.append(m[2])
-        return f"{m[1]}{servers[m[2]]}"
-
-    config = re.sub(r"^(\s*server (\S+) )\S+", address, config, flags=re.MULTILINE)
-    assert binds == 1 and sorted(named) == sorted(servers), f"{HAPROXY_CFG}: bind x{binds}, servers {named}"
-    return config
 
 
 class Fleet:
@@ -84,7 +69,7 @@ class Fleet:
         for mirror in self.mirrors:
             mirror.start()
         servers = {f"mirror{i}": m.host for i, m in enumerate(self.mirrors, 1)}
-        self.config.write_text(render(HAPROXY_CFG.read_text(), f"127.0.0.1:{self.port}", servers))
+        self.config.write_text(render_haproxy(HAPROXY_CFG.read_text(), f"127.0.0.1:{self.port}", servers))
         with self.log.open("ab") as log:
             self._process = subprocess.Popen([binary, "-f", str(self.config), "-db"],
                                              stdout=log, stderr=subprocess.STDOUT)
