@@ -21,6 +21,7 @@ from mirror.cache.admin import CacheAdmin
 from mirror.cache.bucketeviction import BucketEvictor
 from mirror.cache.eviction import Evictor, cap_bytes, pinned_digests
 from mirror.config import Config, parse_size
+from mirror.hotpath import HOT, HotAnswers
 from mirror.metrics import Metrics
 from mirror.observe import METRICS, metrics_middleware
 from mirror.proxy.access import AccessPolicy
@@ -178,6 +179,7 @@ def make_app(config: Config, clock: Callable[[], float] = time.time, role: Worke
     if secondary:
         app[RECONCILED].set()  # the primary reconciles
     app[routes.SERVICES] = services
+    app[HOT] = HotAnswers(parts.metrics, clock, services.tokens.still_accepted)
     routes.setup(app)
     if secondary:
         adminapi.setup_forwarding(app)  # maintenance is the primary's: it runs eviction and fetches

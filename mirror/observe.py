@@ -109,24 +109,28 @@ class AccessLogger(AbstractAccessLogger):
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         if not self.logger.isEnabledFor(logging.INFO) or request.get(FORWARDED):
             return  # the primary worker, which answered it, logs a forwarded request
+        body_bytes = _content_bytes(response) if BODY_LENGTH in response.headers \
+            else response.body_length + request.get(SENT_BY_SENDFILE, 0)
+        result = _result(request, response) if request.path.startswith("/v2") else "-"
+        self.log_line(client_address(request), request.method, request.path_qs, response.status, body_bytes,
+                      time, result, handed_by(request))
+
+    def log_line(self, remote: str | None, method: str, path: str, status: int, body_bytes: int, seconds: float,
+                 result: str, from_worker: int | None = None) -> None:
+        """One line; `from_worker`: the secondary worker that handed the request over."""
+        if not self.logger.isEnabledFor(logging.INFO):
+            return
         fields: dict[str, object] = {
-            "remote": client_address(request),
-            "method": request.method,
-            "path": request.path_qs[:300],
-            "status": response.status,
-            "bytes": _content_bytes(response) if BODY_LENGTH in response.headers
-            else response.body_length + request.get(SENT_BY_SENDFILE, 0),
-            "duration": round(time, 6),
-            "result": _result(request, response) if request.path.startswith("/v2") else "-",
+            "remote": remote, "method": method, "path": path[:300], "status": status, "bytes": body_bytes,
+            "duration": round(seconds, 6), "result": result,
         }
-        message = f"{fields['remote']} {request.method} {fields['path']} {response.status} {fields['bytes']} " \
-                  f"{time:.3f}s {fields['result']}"
+        message = f"{remote} {method} {fields['path']} {status} {body_bytes} {seconds:.3f}s {result}"
         if self.worker is not None:
             fields["worker"] = self.worker
             message += f" worker {self.worker}"
-            if (secondary := handed_by(request)) is not None:
-                fields["from_worker"] = secondary
-                message += f" from {secondary}"
+            if from_worker is not None:
+                fields["from_worker"] = from_worker
+                message += f" from {from_worker}"
         if _access_sink is not None:
             _access_sink.write_access(message, fields)
         else:

@@ -9,6 +9,7 @@ from prometheus_client.exposition import choose_encoder
 
 from aiohttp.typedefs import Handler
 from mirror.errors import RegistryError, unsupported
+from mirror.hotpath import HOT
 from mirror.metrics import Metrics
 from mirror.proxy.access import Principal, principal_for
 from mirror.proxy.blobs import BlobService
@@ -83,7 +84,16 @@ async def manifest(request: web.Request) -> web.StreamResponse:
     answer = await _services(request).manifests.get(upstream, repo, ref, request.headers.getall("Accept", []), principal)
     request[RESULT] = answer.result
     _count_hit(request, upstream, repo)
-    return documents.manifest(request, answer)
+    response = documents.manifest(request, answer)
+    if answer.fresh is not None and (hot := request.app.get(HOT)) is not None:
+        svc = _services(request)
+
+        def served(now: float) -> None:  # what a hit does besides answering, when the connection answers it
+            svc.manifests.touch(answer.digest, now)
+            svc.manifests.metadata.stats.count_hit(upstream.name, repo)
+
+        hot.remember(request, response, registry_headers(request), answer.fresh, served)
+    return response
 
 
 def _manifest_reference(reference: str) -> ManifestRef:
@@ -239,12 +249,17 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
-async def add_api_version(request: web.Request, response: web.StreamResponse) -> None:
+def registry_headers(request: web.Request) -> dict[str, str]:
     """Registry headers, and `X-Mirror-Cache` saying how the answer was got (hit, miss, …)."""
+    if RESULT in request:
+        return {**API_VERSION, "X-Mirror-Cache": request[RESULT]}
+    return API_VERSION
+
+
+async def add_api_version(request: web.Request, response: web.StreamResponse) -> None:
+    """`registry_headers` on every answer under /v2."""
     if request.path.startswith("/v2"):
-        response.headers.update(API_VERSION)
-        if RESULT in request:
-            response.headers["X-Mirror-Cache"] = request[RESULT]
+        response.headers.update(registry_headers(request))
 
 
 def setup(app: web.Application) -> None:

@@ -24,13 +24,66 @@ from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestHandler
 
 from mirror.errors import HTTP_CODES, NeedsPrimary, RegistryError, error_response
+from mirror.hotpath import HOT, WRITE_BUFFER_LIMIT, Answered, HotAnswers, whole_requests
+from mirror.observe import AccessLogger
 from mirror.requestinfo import RESULT
 
 log = logging.getLogger("mirror")
 
 
 class OciRequestHandler(RequestHandler):
-    """aiohttp's connection handler, answering its own errors with OCI error bodies."""
+    """aiohttp's connection handler, answering its own errors with OCI error bodies, and fresh
+    manifest hits from `hot` before aiohttp parses them (see mirror.hotpath)."""
+
+    def __init__(self, manager: web.Server, *, hot: HotAnswers | None = None, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._hot = hot
+        self._remote: str | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and isinstance(self.access_logger, (AccessLogger, type(None))):
+            self._remote = peer[0]
+        else:
+            self._hot = None  # a worker's socket: what comes there is counted and logged where it came from
+
+    def data_received(self, data: bytes) -> None:
+        hot = self._hot
+        if hot is None or not self._idle():
+            self._hand_over(data)
+            return
+        out, answered, used = hot.answer(data)
+        if answered:
+            assert self.transport is not None
+            self.transport.write(out)
+            self._answered(answered)
+        if used < len(data):
+            self._hand_over(data[used:] if used else data)
+
+    def _idle(self) -> bool:
+        """Waiting for a request, with nothing of one read: an answer written now comes in order."""
+        waiter = self._waiter
+        return (waiter is not None and not waiter.done() and not self._messages and not self._close
+                and self.transport is not None and self.transport.get_write_buffer_size() < WRITE_BUFFER_LIMIT)
+
+    def _hand_over(self, data: bytes) -> None:
+        """Give `data` to aiohttp. Unless it is whole requests without bodies, its parser may now
+        hold part of one, and only it can tell where the next begins: it takes the connection."""
+        if self._hot is not None and not whole_requests(data):
+            self._hot = None
+        super().data_received(data)
+
+    def _answered(self, answered: list[Answered]) -> None:
+        """What aiohttp does after each answer: keep the connection alive for as long, log it."""
+        loop = self._loop
+        self._next_keepalive_close_time = loop.time() + self._keepalive_timeout
+        if self._keepalive_handle is None:
+            self._keepalive_handle = loop.call_at(self._next_keepalive_close_time, self._process_keepalive)
+        if isinstance(self.access_logger, AccessLogger) and self._logging_enabled:
+            for one in answered:
+                self.access_logger.log_line(self._remote, one.method, one.target, 200, one.body_bytes,
+                                            one.seconds, "hit")
 
     def handle_error(
         self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None,
@@ -80,16 +133,22 @@ FIELD_MAX = 64 << 10
 
 
 class _Server(web.Server):
+    def __init__(self, *args: Any, hot: HotAnswers | None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._hot = hot
+
     def __call__(self) -> RequestHandler:
-        return OciRequestHandler(self, loop=self._loop, **{"max_field_size": FIELD_MAX, **self._kwargs})
+        return OciRequestHandler(self, loop=self._loop, hot=self._hot, **{"max_field_size": FIELD_MAX, **self._kwargs})
 
 
 class MirrorRunner(web.AppRunner):
-    """`web.AppRunner` whose server makes `OciRequestHandler` connections."""
+    """`web.AppRunner` whose server makes `OciRequestHandler` connections (with the application's
+    `HOT` answers, if it has them)."""
 
     async def _make_server(self) -> web.Server:
         made = await super()._make_server()  # starts the application, as AppRunner does
-        return _Server(made.request_handler, request_factory=made.request_factory, **self._kwargs)
+        return _Server(made.request_handler, request_factory=made.request_factory, hot=self.app.get(HOT),
+                       **self._kwargs)
 
 
 async def serve(

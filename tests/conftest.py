@@ -2,19 +2,22 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from mirror.app import make_app
 from mirror.config import CacheConfig, Config, ServerConfig, StorageConfig, UpstreamConfig
+from mirror.observe import ACCESS_LOGGER, AccessLogger
 from mirror.routes import SERVICES, Services
+from mirror.server import MirrorRunner
 from tests.fakes.registry import FakeRegistry
 from tests.integration.s3 import S3Gateway, s3_gateway
 
@@ -60,6 +63,24 @@ class Mirror:
     async def settled(self) -> None:
         """Wait until fetches have stored what they fetched (clients may finish before that)."""
         await self.services.blobs.inflight.idle()
+
+
+class ProductionServer(TestServer):
+    """An application served as `mirror serve` serves it: by MirrorRunner (the mirror's connection
+    handler, which answers fresh manifest hits itself) with its access log, and a handler whose client leaves runs on
+    (aiohttp's test server would cancel it, which production never does)."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
+        return MirrorRunner(self.app, **{"access_log_class": AccessLogger, "access_log": logging.getLogger(ACCESS_LOGGER),
+                                         **kwargs, "handler_cancellation": False})
+
+
+@pytest.fixture
+def aiohttp_client(aiohttp_client: Any) -> Any:
+    """pytest-aiohttp's `aiohttp_client`, serving an application by `ProductionServer`."""
+    async def client(served: Any, **kwargs: Any) -> TestClient:
+        return await aiohttp_client(ProductionServer(served) if isinstance(served, web.Application) else served, **kwargs)
+    return client
 
 
 @pytest.fixture(scope="session")

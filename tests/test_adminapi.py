@@ -20,9 +20,8 @@ from mirror.app import make_app
 from mirror.cache.admin import AdminError, perform
 from mirror.config import Config, ConfigError, load
 from mirror.workers.role import WorkerRole
-from tests.conftest import FakeClock, Mirror, mirror_config
+from tests.conftest import FakeClock, Mirror, ProductionServer, mirror_config
 from tests.fakes.registry import FakeRegistry
-from tests.proxy.test_blob_races import ProductionServer
 from tests.workers.conftest import multiprocess_values  # noqa: F401  (fixture)
 
 TOKEN = "s3cret-admin-token"

@@ -15,11 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import BaseTestServer, TestServer
 
 from mirror.app import RECONCILED, make_app
-from mirror.server import MirrorRunner
 from tests.conftest import FakeClock, Mirror, mirror_config
 from tests.fakes.registry import FakeRegistry
 
@@ -38,19 +35,13 @@ def _audit(event: str, args: tuple[object, ...]) -> None:
             _recording.append(path)
 
 
-class _MirrorTestServer(TestServer):
-    async def _make_runner(self, **kwargs: object) -> web.BaseRunner:
-        return MirrorRunner(self.app, **kwargs)  # type: ignore[arg-type]
-
-
 @pytest.fixture
 async def mirror(fake_registry: FakeRegistry, tmp_path: Path, aiohttp_client) -> Mirror:  # type: ignore[no-untyped-def]
     """As tests.conftest's `mirror`, served by the production runner."""
     clock = FakeClock()
     assert fake_registry.url
     app = make_app(mirror_config(fake_registry.url, tmp_path / "data"), clock=clock)
-    server: BaseTestServer = _MirrorTestServer(app)
-    client = await aiohttp_client(server)
+    client = await aiohttp_client(app)
     await app[RECONCILED].wait()  # the start-up reconciliation lists the store beside serving
     return Mirror(client, clock, app, tmp_path / "data")
 

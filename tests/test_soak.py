@@ -29,20 +29,18 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from mirror.app import make_app
 from mirror.proxy.inflight import Inflight
 from mirror.routes import SERVICES
-from mirror.server import MirrorRunner
 from mirror.storage.filestore import FileStore
 from mirror.storage.metadata import Metadata
-from tests.conftest import FakeClock, mirror_config
+from tests.conftest import FakeClock, ProductionServer, mirror_config
 from tests.fakes.registry import DOCKER_MANIFEST, FakeRegistry, Image
 
 SEED = 1234
@@ -291,14 +289,6 @@ def _running_fetch_bytes(inflight: Inflight, sizes: dict[str, int]) -> int:
     return total
 
 
-class _ProductionServer(TestServer):
-    """The mirror served as `mirror serve` serves it: by MirrorRunner, and a handler whose client
-    leaves runs on (aiohttp's test server would cancel it, which hides what a leaving client does)."""
-
-    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
-        return MirrorRunner(self.app, **{**kwargs, "handler_cancellation": False})
-
-
 class _Collect(logging.Handler):
     """ERROR records from every logger during the run (caplog is per test; the run is per module)."""
 
@@ -328,7 +318,7 @@ async def _soak(data_dir: Path) -> SoakResult:
     assert registry.url
     app = make_app(mirror_config(registry.url, data_dir, max_size=str(cap), tag_ttl=TAG_TTL,
                                  read_timeout=READ_TIMEOUT), clock=clock)
-    client = TestClient(_ProductionServer(app))
+    client = TestClient(ProductionServer(app))
     collect = _Collect()
     logging.getLogger().addHandler(collect)
     faults = Faults(registry, clock)

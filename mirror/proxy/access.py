@@ -85,6 +85,13 @@ class AccessPolicy:
                 known = self._decisions[key] = Decision(*row)
         return known
 
+    def still_allows(self, upstream: Upstream, repo: str, principal: Principal, now: float) -> bool:
+        """Whether `ensure` would let `principal` read `repo` at `now` from what is in memory alone."""
+        if principal.client is None and upstream.config.share_with_anonymous:
+            return True
+        known = self._decisions.get((upstream.name, repo, principal.name))
+        return known is not None and known.allowed and now - known.at < upstream.config.access_ttl
+
     async def learn(self, upstream: Upstream, repo: str, principal: Principal, error: UpstreamError | None) -> None:
         """Learn from an upstream answer to a request made with the principal's own credentials."""
         if not principal.fetches_as_itself:

@@ -51,16 +51,21 @@ class CachedManifest:
 
 @dataclass(frozen=True)
 class Answer:
-    """What to send, and how we got it (hit, miss, stale)."""
+    """What to send, and how we got it (hit, miss, stale).
+
+    A hit has `fresh(now)`: whether the same request by the same principal would get the same hit
+    at `now` without asking upstream or the database (see mirror.hotpath).
+    """
 
     digest: str
     media_type: str
     body: bytes
     result: str
+    fresh: Callable[[float], bool] | None = None
 
 
-def _answer(m: CachedManifest, result: str) -> Answer:
-    return Answer(m.digest, m.media_type, m.body, result)
+def _answer(m: CachedManifest, result: str, fresh: Callable[[float], bool] | None = None) -> Answer:
+    return Answer(m.digest, m.media_type, m.body, result, fresh)
 
 
 def accepts(accept_headers: Iterable[str], media_type: str) -> bool:
@@ -114,12 +119,22 @@ class ManifestService:
     async def _touch_image(self, digest: str) -> None:
         """Bump every part of the image, so its parts age together and are evicted whole."""
         now = self.clock()
-        known = self._parts.get(digest)
-        if known is None or (known[1] is not None and now > known[1]):
+        if not self.touch(digest, now):
             found, complete = await self._flights.do(("parts", digest),
                                                      lambda: image_parts(self.metadata, self.store, digest))
-            known = self._parts[digest] = (tuple(found), None if complete else now + PARTS_RECHECK)
-        self.metadata.content.touch(known[0], now)
+            self._parts[digest] = (tuple(found), None if complete else now + PARTS_RECHECK)
+            self.touch(digest, now)
+
+    def touch(self, digest: str, now: float) -> bool:
+        """Bump the image's parts if they are known and current; False if they must be looked up."""
+        if not self._parts_current(digest, now):
+            return False
+        self.metadata.content.touch(self._parts[digest][0], now)
+        return True
+
+    def _parts_current(self, digest: str, now: float) -> bool:
+        known = self._parts.get(digest)
+        return known is not None and (known[1] is None or now <= known[1])
 
     def forget(self, digests: list[str]) -> None:
         """Evicted content leaves the in-memory caches too."""
@@ -143,7 +158,9 @@ class ManifestService:
             if not await self.metadata.links.contains(upstream.name, repo, digest):
                 await upstream.head_manifest(repo, digest, ACCEPT_ALL, principal.upstream)
                 await self.metadata.links.add(upstream.name, repo, [digest])
-            return _answer(cached, "hit")
+            return _answer(cached, "hit", lambda now: digest in self._memory and self._parts_current(digest, now)
+                           and self.metadata.links.known(upstream.name, repo, digest)
+                           and self.access.still_allows(upstream, repo, principal, now))
         if not principal.fetches_as_itself:
             await self._allow(upstream, repo, principal, digest)
         fetched = await self.access.observe(upstream, repo, principal, self._flights.do(
@@ -226,7 +243,10 @@ class ManifestService:
         cached = await self._load(row.digest) if row else None
         if row and cached and self.clock() < row.expires_at:
             await self._allow(upstream, repo, principal, cached.digest)
-            return _answer(cached, "hit")
+            return _answer(cached, "hit", lambda now: now < row.expires_at
+                           and self.metadata.tags.cached(upstream.name, repo, tag) is row
+                           and row.digest in self._memory and self._parts_current(row.digest, now)
+                           and self.access.still_allows(upstream, repo, principal, now))
         # One deadline for the whole answer (access check, revalidation, access check again):
         # a cached tag goes out by it; a tag the cache lacks waits for upstream.
         deadline = revalidation_deadline(upstream)

@@ -56,6 +56,12 @@ class TokenService:
         """The grant behind an access token this mirror issued and that has not expired."""
         return self._open(token, "access", TOKEN_TTL)
 
+    def still_accepted(self, authorization: str | None) -> bool:
+        """Whether an `Authorization` value `client_credentials` accepted before is accepted now:
+        a token this mirror issued expires; Basic credentials and none do not."""
+        scheme, _, value = (authorization or "").strip().partition(" ")
+        return scheme.lower() != "bearer" or self.resolve(value.strip()) is not None
+
     def refresh(self, refresh_token: str) -> Grant | None:
         return self._open(refresh_token, "refresh", REFRESH_TTL)
 

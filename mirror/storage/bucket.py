@@ -25,13 +25,12 @@ import contextlib
 import functools
 import logging
 import math
-import os
 import secrets
 import time
 import xml.etree.ElementTree as ElementTree
 from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import datetime
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any, NamedTuple
 
 import aiohttp
 from aiobotocore.config import AioConfig

@@ -17,28 +17,19 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
+from aiohttp.test_utils import TestClient, make_mocked_request
 
 from mirror.app import make_app
 from mirror.observe import metrics_middleware
 from mirror.responses import sending
 from mirror.requestinfo import KIND
 from mirror.routes import SERVICES, Services
-from mirror.server import MirrorRunner
 from tests.byteranges import parse_byteranges
-from tests.conftest import FakeClock, Mirror, after_local_eviction, mirror_config
+from tests.conftest import FakeClock, Mirror, ProductionServer, after_local_eviction, mirror_config
 from tests.fakes.registry import FakeRegistry, digest_of
 from tests.waiting import wait_until
 
 BOUND = 10.0  # seconds any one wait of these tests may take; they finish in well under one
-
-
-class ProductionServer(TestServer):
-    """A test server built as the mirror's own: MirrorRunner, and a handler whose client leaves
-    runs on (aiohttp's test server cancels it instead, which production never does)."""
-
-    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
-        return MirrorRunner(self.app, **{**kwargs, "handler_cancellation": False})
 
 
 @pytest.fixture

@@ -25,8 +25,8 @@ from mirror.responses import follow
 from mirror.responses.follow import TEMP_FILE
 from mirror.workers.role import WorkerRole
 from tests.byteranges import parse_byteranges
-from tests.proxy.test_blob_races import BOUND, Gate, ProductionServer, assert_quiet, connections, disconnects, evict
-from tests.conftest import after_local_eviction, mirror_config
+from tests.proxy.test_blob_races import BOUND, Gate, assert_quiet, connections, disconnects, evict
+from tests.conftest import ProductionServer, after_local_eviction, mirror_config
 from tests.fakes.registry import FakeRegistry, digest_of
 from tests.waiting import wait_until
 

@@ -113,7 +113,11 @@ class Links:
             self._cached[(upstream, repo, d)] = True
 
     async def contains(self, upstream: str, repo: str, digest: str) -> bool:
-        return (upstream, repo, digest) in self._cached or await self._read(upstream, repo, digest)
+        return self.known(upstream, repo, digest) or await self._read(upstream, repo, digest)
+
+    def known(self, upstream: str, repo: str, digest: str) -> bool:
+        """Whether the link is remembered (a False says nothing: read it with `contains`)."""
+        return (upstream, repo, digest) in self._cached
 
     @coalesced
     async def _read(self, upstream: str, repo: str, digest: str) -> bool:

@@ -34,6 +34,10 @@ class Tags:
             return row
         return await self._read(upstream, repo, tag)
 
+    def cached(self, upstream: str, repo: str, tag: str) -> TagRow | None:
+        """The row `get` would answer from memory (expired or not), without reading the database."""
+        return self._cached.get((upstream, repo, tag))
+
     @coalesced
     async def _read(self, upstream: str, repo: str, tag: str) -> TagRow | None:
         key = (upstream, repo, tag)

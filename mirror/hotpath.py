@@ -1,0 +1,171 @@
+"""Cached manifest hits answered where the connection reads them, before aiohttp parses them.
+
+A CI farm resolving the same tags at once asks for one manifest thousands of times a second.
+Every answer the full path (`routes.manifest`) gives as a hit is kept here as the bytes of its
+HTTP response, keyed by everything in the request that can change it: the request target, the
+`Authorization` header and the `Accept` headers. Beside it the service's `fresh(now)`, which is
+true while the same request would get the same hit without asking upstream or the database
+(the tag's TTL, the access decision, the manifest in memory: see `ManifestService`), and what a
+hit does besides answering (access times, hit counts). The connection (`server.OciRequestHandler`)
+answers a request from here when it is idle, the request is whole in what it read, and nothing
+in it is outside what the key and `IGNORED` cover; anything else, and any answer that is no
+longer fresh, goes to aiohttp as before. Metrics and the access log count both paths alike.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+from aiohttp import web
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
+from cachetools import LRUCache
+
+from mirror.metrics import Metrics
+
+# A request line and header lines as RFC 9110/9112 define them, printable ASCII only, ending
+# in the empty line: anything else (obs-fold, bare CR or LF, 8-bit bytes) goes to aiohttp,
+# which answers it as it always did.
+_REQUEST = re.compile(
+    rb"(GET|HEAD) (/v2/[!-~]+/manifests/[!-~]+) HTTP/1\.1\r\n((?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t -~]*\r\n)*)\r\n"
+)
+# Headers that change nothing in a manifest hit (the key holds Authorization and Accept).
+IGNORED = frozenset((
+    b"host", b"user-agent", b"accept-encoding", b"accept-language", b"x-forwarded-for",
+    b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port", b"x-real-ip", b"x-request-id",
+    b"traceparent", b"tracestate",
+))
+MEMORY_BYTES = 16 << 20
+WRITE_BUFFER_LIMIT = 1 << 20  # a client that does not read its answers gets aiohttp's flow control
+
+Key = tuple[bytes, bytes, tuple[bytes, ...]]  # target, Authorization, Accept headers
+
+
+@dataclass(frozen=True, slots=True)
+class HotAnswer:
+    head: bytes  # status line and headers, up to the Date header
+    body: bytes
+    authorization: str | None
+    fresh: Callable[[float], bool]
+    served: Callable[[float], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """One request answered from memory, for the access log."""
+
+    method: str
+    target: str
+    body_bytes: int
+    seconds: float
+
+
+class HotAnswers:
+    """The hits to answer at the connection, at most `memory_bytes` of them (least recently used go)."""
+
+    def __init__(
+        self, metrics: Metrics, clock: Callable[[], float], still_valid: Callable[[str | None], bool],
+        memory_bytes: int = MEMORY_BYTES,
+    ) -> None:
+        """`still_valid(authorization)`: whether the client's credentials are still accepted
+        (a token this mirror issued expires)."""
+        self._metrics = metrics
+        self._clock = clock
+        self._still_valid = still_valid
+        self._answers: LRUCache[Key, HotAnswer] = LRUCache(memory_bytes, getsizeof=_size)
+
+    def remember(
+        self, request: web.BaseRequest, response: web.Response, added: Mapping[str, str],
+        fresh: Callable[[float], bool], served: Callable[[float], None],
+    ) -> None:
+        """Keep a 200 the full path made, with the headers `added` as it is sent, if the same
+        request can be recognised at the connection; `served(now)` is called for each answer
+        given from here."""
+        key = _key_of(request)
+        body = response.body
+        if key is None or not isinstance(body, bytes) or response.status != 200:
+            return
+        fields = [*response.headers.items(), *added.items(), ("Content-Length", str(len(body))),
+                  ("Server", SERVER_SOFTWARE)]
+        head = "HTTP/1.1 200 OK\r\n" + "".join(f"{name}: {value}\r\n" for name, value in fields)
+        self._answers[key] = HotAnswer(head.encode("latin-1"), body, request.headers.get("Authorization"),
+                                       fresh, served)
+
+    def answer(self, data: bytes) -> tuple[bytes, list[Answered], int]:
+        """The responses to the whole requests at the start of `data` that are fresh hits, what
+        they were, and how many bytes of `data` they took; the caller hands the rest to aiohttp."""
+        out: list[bytes] = []
+        answered: list[Answered] = []
+        position = 0
+        now = self._clock()
+        while position < len(data):
+            started = time.perf_counter()
+            match = _REQUEST.match(data, position)
+            if match is None:
+                break
+            method, target, fields = match.groups()
+            key = _key(target, fields.split(b"\r\n")[:-1])
+            hot = self._answers.get(key) if key is not None else None
+            if hot is None or not hot.fresh(now) or not self._still_valid(hot.authorization):
+                break
+            position = match.end()
+            hot.served(now)
+            get = method == b"GET"
+            out += (hot.head, b"Date: ", rfc822_formatted_time().encode(), b"\r\n\r\n")
+            if get:
+                out.append(hot.body)
+            seconds = time.perf_counter() - started
+            self._metrics.count_request("manifest", method.decode(), "hit", seconds, len(hot.body) if get else None)
+            answered.append(Answered(method.decode(), target.decode(), len(hot.body) if get else 0, seconds))
+        return b"".join(out), answered, position
+
+    def clear(self) -> None:
+        self._answers.clear()
+
+
+HOT = web.AppKey("hot_answers", HotAnswers)
+
+
+def whole_requests(data: bytes) -> bool:
+    """Whether `data` ends where a request ends, by a test that may say no to some that do:
+    it ends with an empty line, and no request in it can have a body or change protocols."""
+    if not data.endswith(b"\r\n\r\n"):
+        return False
+    lowered = data.lower()
+    return b"content-length" not in lowered and b"transfer-encoding" not in lowered and b"upgrade" not in lowered
+
+
+def _key_of(request: web.BaseRequest) -> Key | None:
+    """The key of a request aiohttp parsed, None if the connection would not recognise it."""
+    if request.method not in ("GET", "HEAD") or request.version != HttpVersion11:
+        return None
+    if not isinstance(request.transport and request.transport.get_extra_info("peername"), tuple):
+        return None  # a worker's socket: forwarded requests are counted and logged by whom they came from
+    try:
+        target = request.raw_path.encode("ascii")
+    except UnicodeEncodeError:
+        return None
+    return _key(target, (name + b": " + value for name, value in request.raw_headers))
+
+
+def _key(target: bytes, fields: Iterable[bytes]) -> Key | None:
+    authorization: bytes | None = None
+    accept: list[bytes] = []
+    for field in fields:
+        name, _, value = field.partition(b":")
+        name, value = name.lower(), value.strip(b" \t")
+        if name == b"accept":
+            accept.append(value)
+        elif name == b"authorization" and authorization is None:
+            authorization = value
+        elif name == b"connection" and value.lower() == b"keep-alive":
+            continue
+        elif name not in IGNORED:
+            return None  # If-None-Match, Range, Connection: close, a second Authorization, …
+    return target, authorization or b"", tuple(accept)
+
+
+def _size(hot: HotAnswer) -> int:
+    return len(hot.head) + len(hot.body)
