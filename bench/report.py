@@ -49,6 +49,7 @@ TARGETS: dict[tuple[str, str], Target] = {
     ("manifest-digest", "rps"): ("≥ drayage", lambda v, m, c: None if "drayage" not in m else v >= m["drayage"]),
     ("manifest-digest", "p99"): ("< 10 ms", lambda v, m, c: v < 10),
     ("startup", "startup"): ("< 2 s", lambda v, m, c: v < 2.0),
+    ("startup", "plan"): ("< 1 s", lambda v, m, c: v < 1.0),
 }
 RSS_TARGET: Target = ("< 100 MiB per process",
                       lambda v, m, c: None if c.rss_proc_mib is None else c.rss_proc_mib < 100)

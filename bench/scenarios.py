@@ -344,21 +344,22 @@ def run_manifest_digest(b: "Bench", system: System, cell: Cell) -> None:
 
 # --- mirror start-up with many cached objects ----------------------------------------------------------
 
-def make_cached_store(data_dir: Path, objects: int, upstream: str = "docker.io",
+def make_cached_store(data_dir: str, objects: str, upstream: str = "docker.io",
                       repo: str = "library/benchstart") -> None:
     """`objects` small content files at the mirror's layout, each with its content row and link,
-    written with the mirror's own schema (mirror/storage/metadata/schema.py, mirror/storage/filestore.py)."""
+    written with the mirror's own schema (mirror/storage/metadata/schema.py, mirror/storage/filestore.py):
+    images of a manifest and up to 9 blobs it references (a config and layers)."""
     from mirror.storage.filestore import FileStore
     from mirror.storage.metadata.schema import SCHEMA, SCHEMA_VERSION
 
-    store = FileStore(data_dir)
+    store = FileStore(Path(data_dir))
     store.prepare()
     rng = random.Random(7)
     now = time.time()
     content, links = [], []
     made_dirs: set[Path] = set()
-    for i in range(objects):
-        data = rng.randbytes(96) + i.to_bytes(8, "big")
+
+    def put(data: bytes, kind: str, media: str | None, at: float) -> str:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         path = store.path(digest)
         if path.parent not in made_dirs:
@@ -366,11 +367,26 @@ def make_cached_store(data_dir: Path, objects: int, upstream: str = "docker.io",
             made_dirs.add(path.parent)
         with open(path, "wb") as f:
             f.write(data)
-        kind = "manifest" if i % 10 == 0 else "blob"
-        media = "application/vnd.docker.distribution.manifest.v2+json" if kind == "manifest" else None
-        content.append((digest, len(data), media, kind, now, now))
+        content.append((digest, len(data), media, kind, at, at))
         links.append((upstream, repo, digest))
-    db = sqlite3.connect(data_dir / "index.db")
+        return digest
+
+    made, total = 0, int(objects)
+    while made < total:
+        at = now - rng.random() * 86_400 * 30  # used some time in the last month
+        blobs = [(d, len(data)) for data in (rng.randbytes(96) + (made + i).to_bytes(8, "big")
+                                               for i in range(min(9, total - made - 1)))
+                 for d in [put(data, "blob", None, at)]]
+        manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+            "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": blobs[0][0],
+                       "size": blobs[0][1]} if blobs else {},
+            "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "digest": d, "size": n}
+                       for d, n in blobs[1:]],
+        }).encode()
+        put(manifest, "manifest", "application/vnd.docker.distribution.manifest.v2+json", at)
+        made += len(blobs) + 1
+    db = sqlite3.connect(Path(data_dir) / "index.db")
     try:
         db.execute("PRAGMA journal_mode=WAL")
         db.executescript(SCHEMA)
@@ -384,18 +400,47 @@ def make_cached_store(data_dir: Path, objects: int, upstream: str = "docker.io",
         db.close()
 
 
+def time_eviction_plan(data_dir: str) -> None:
+    """Print what one eviction pass of the mirror under test takes to choose what goes, from cap to
+    its low mark (a tenth of the bytes), over `data_dir`: [seconds, objects chosen]
+    (mirror/cache/eviction.py: `Evictor.choose`, with the database freshly opened)."""
+    import asyncio
+    from mirror.cache.eviction import LOW_MARK, Evictor
+    from mirror.metrics import Metrics
+    from mirror.storage.filestore import FileStore
+    from mirror.storage.metadata import Metadata
+
+    async def measure() -> list[float]:
+        metadata = Metadata(Path(data_dir) / "index.db")
+        await metadata.open()
+        try:
+            evictor = Evictor(FileStore(Path(data_dir)), metadata, Metrics(), lambda: metadata.content.size)
+            began = time.perf_counter()
+            chosen, _size, _next = await evictor.choose(int(metadata.content.size * (1 - LOW_MARK)), set())
+            return [time.perf_counter() - began, len(chosen)]
+        finally:
+            await metadata.close()
+
+    print(json.dumps(asyncio.run(measure())))
+
+
+def _in_mirror_process(system: Mirror, function: str, *args: str) -> str:
+    """Run a function of this module in a child process whose `mirror` is the one under test."""
+    code = f"import sys; from bench.scenarios import {function} as f; f(*sys.argv[1:])"
+    pythonpath = os.pathsep.join([str(system.src), str(Path(__file__).resolve().parent.parent)])
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "PYTHONPATH": pythonpath}, cwd=system.src)
+    if out.returncode != 0:
+        raise RuntimeError(f"{function} failed: {out.stderr.strip()[-600:]}")
+    return out.stdout
+
+
 def run_startup(b: "Bench", system: System, cell: Cell) -> None:
     assert isinstance(system, Mirror)
     data = b.workdir / f"startup-{b.startup_objects}"
     if not (data / "index.db").exists():
         t0 = time.monotonic()
-        # In a child process whose `mirror` is the one under test (its schema, its layout).
-        code = "import sys; from bench.scenarios import make_cached_store as m; m(__import__('pathlib').Path(sys.argv[1]), int(sys.argv[2]))"
-        pythonpath = os.pathsep.join([str(system.src), str(Path(__file__).resolve().parent.parent)])
-        out = subprocess.run([sys.executable, "-c", code, str(data), str(b.startup_objects)], capture_output=True,
-                             text=True, timeout=900, env={**os.environ, "PYTHONPATH": pythonpath}, cwd=system.src)
-        if out.returncode != 0:
-            raise RuntimeError(f"could not build the cached store: {out.stderr.strip()[-600:]}")
+        _in_mirror_process(system, "make_cached_store", str(data), str(b.startup_objects))  # its schema, its layout
         b.log(f"startup: generated {b.startup_objects} cached objects in {time.monotonic() - t0:.1f}s")
     cell.totals["objects"] = b.startup_objects
     for rep in range(b.repeat):
@@ -405,8 +450,10 @@ def run_startup(b: "Bench", system: System, cell: Cell) -> None:
         empty = system.start(fresh=True)
         system.stop()
         cell.add("startup_empty", empty)
+        seconds, chosen = json.loads(_in_mirror_process(system, "time_eviction_plan", str(data)))
+        cell.add("plan", seconds)
         b.log(f"startup mirror {rep + 1}/{b.repeat}: {elapsed:.2f}s with {b.startup_objects} objects, "
-              f"{empty:.2f}s empty")
+              f"{empty:.2f}s empty; eviction plan {seconds:.2f}s ({chosen:.0f} objects chosen)")
     objects = len(list((data / "content" / "sha256").glob("*/*")))
     if objects != b.startup_objects:
         cell.notes.append(f"after start-up the store holds {objects} files, not {b.startup_objects}")
@@ -450,6 +497,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("startup", "mirror start-up until /readyz answers 200", ("mirror",), None, (
         Metric("startup", "start-up with N cached objects, s", "lower", "{:.2f}"),
         Metric("startup_empty", "start-up with an empty cache, s", "lower", "{:.2f}"),
+        Metric("plan", "eviction pass over them: choosing a tenth of the bytes, s", "lower", "{:.2f}"),
         RSS,
     ), run_startup),
 )

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from mirror.app import make_app
+from mirror.app import RECONCILED, make_app
 from mirror.config import CacheConfig, Config, ServerConfig, StorageConfig, UpstreamConfig
 from mirror.observe import ACCESS_LOGGER, AccessLogger
 from mirror.routes import SERVICES, Services
@@ -77,9 +77,15 @@ class ProductionServer(TestServer):
 
 @pytest.fixture
 def aiohttp_client(aiohttp_client: Any) -> Any:
-    """pytest-aiohttp's `aiohttp_client`, serving an application by `ProductionServer`."""
+    """pytest-aiohttp's `aiohttp_client`, serving an application by `ProductionServer`; a mirror's
+    client is handed over once its start-up reconciliation (which runs beside serving) is done,
+    so that what a test does to the store is not reconciled away under it."""
     async def client(served: Any, **kwargs: Any) -> TestClient:
-        return await aiohttp_client(ProductionServer(served) if isinstance(served, web.Application) else served, **kwargs)
+        app = served if isinstance(served, web.Application) else getattr(served, "app", None)
+        made = await aiohttp_client(ProductionServer(served) if isinstance(served, web.Application) else served, **kwargs)
+        if isinstance(app, web.Application) and RECONCILED in app:
+            await app[RECONCILED].wait()
+        return made
     return client
 
 

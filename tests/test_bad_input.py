@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mirror.app import RECONCILED, make_app
+from mirror.app import make_app
 from tests.conftest import FakeClock, Mirror, mirror_config
 from tests.fakes.registry import FakeRegistry
 
@@ -42,7 +42,6 @@ async def mirror(fake_registry: FakeRegistry, tmp_path: Path, aiohttp_client) ->
     assert fake_registry.url
     app = make_app(mirror_config(fake_registry.url, tmp_path / "data"), clock=clock)
     client = await aiohttp_client(app)
-    await app[RECONCILED].wait()  # the start-up reconciliation lists the store beside serving
     return Mirror(client, clock, app, tmp_path / "data")
 
 

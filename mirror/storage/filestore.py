@@ -88,16 +88,17 @@ class FileStore:
     def remove(self, digest: str) -> None:
         self.path(digest).unlink(missing_ok=True)
 
-    def digests(self) -> list[str]:
-        """Every digest with a file at its content path."""
+    def digests(self, shard: str | None = None) -> list[str]:
+        """Every digest with a file at its content path (in `shard`'s directory only, if given)."""
         found = []
-        for sub in self.content_dir.iterdir():
-            if not sub.is_dir():
-                continue  # a stray file is not ours to judge, and must not stop the start
-            for f in sub.iterdir():
-                digest = "sha256:" + f.name
-                if SHA256_RE.fullmatch(digest) and f.parent.name == f.name[:2] and f.is_file():
-                    found.append(digest)
+        with os.scandir(self.content_dir) as directories:
+            for sub in directories:
+                if (shard is not None and sub.name != shard) or not sub.is_dir(follow_symlinks=False):
+                    continue  # a stray file is not ours to judge, and must not stop the start
+                with os.scandir(sub.path) as files:  # file types from the listing: no stat per file
+                    found += ["sha256:" + f.name for f in files
+                              if f.name[:2] == sub.name and SHA256_RE.fullmatch("sha256:" + f.name)
+                              and f.is_file(follow_symlinks=False)]
         return found
 
     def open_temp(self, temp_name: str) -> BinaryIO:

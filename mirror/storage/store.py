@@ -73,8 +73,9 @@ class ContentStore(Protocol):
     def remove(self, digest: str) -> None:
         """Delete stored content; readers that opened it keep their bytes. Absent content is no error."""
 
-    def digests(self) -> list[str]:
-        """Every digest stored (for reconciliation with the metadata)."""
+    def digests(self, shard: str | None = None) -> list[str]:
+        """Every digest stored, or those whose hex begins with the two hex digits `shard` (for
+        reconciliation with the metadata, a shard at a time)."""
 
     def open_temp(self, temp_name: str) -> BinaryIO:
         """A write in progress's temp file (`BlobWriter.temp_name`), open for reading. Raises

@@ -9,6 +9,7 @@ import pytest
 
 from mirror.storage.filestore import FileStore
 from mirror.storage.metadata import Metadata, TagRow
+from mirror.storage import reconcile as reconcile_module
 from mirror.storage.reconcile import reconcile
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -111,3 +112,27 @@ async def test_an_orphan_manifest_is_adopted_with_its_media_type(store: FileStor
     assert await reconcile(store, metadata) == (0, 1)
     row = await metadata.content.get(_digest(body))
     assert row is not None and (row.kind, row.media_type) == ("manifest", MANIFEST)
+
+
+@pytest.mark.parametrize("one_pass", [reconcile_module.ONE_PASS, 0], ids=["whole", "by shard"])
+async def test_every_shard_is_reconciled_and_misplaced_files_are_not_taken(
+    store: FileStore, metadata: Metadata, monkeypatch: pytest.MonkeyPatch, one_pass: int
+) -> None:
+    """A large store is reconciled a shard (two hex digits) at a time: none is skipped, none leaks into another."""
+    monkeypatch.setattr(reconcile_module, "ONE_PASS", one_pass)
+    blobs = [f"blob {i}".encode() for i in range(1500)]  # every one of the 256 shards, most more than once
+    assert len({_digest(b)[7:9] for b in blobs}) == 256
+    for i, data in enumerate(blobs):
+        if i % 3 != 1:
+            store.put(_digest(data), data)  # i % 3 == 1: a row whose file is gone
+        if i % 3 != 2:
+            await metadata.content.add(_digest(data), len(data), None, "blob", 100.0)  # 2: a file without its row
+    stray = b"misplaced"
+    wrong = store.content_dir / ("00" if _digest(stray)[7:9] != "00" else "01") / _digest(stray)[7:]
+    wrong.parent.mkdir(exist_ok=True)
+    wrong.write_bytes(stray)
+    assert await reconcile(store, metadata) == (500, 500)
+    assert await metadata.content.sizes() == {_digest(b): len(b) for i, b in enumerate(blobs) if i % 3 != 1}
+    assert await metadata.content.sizes(_digest(blobs[0])[7:9]) == {
+        _digest(b): len(b) for i, b in enumerate(blobs) if i % 3 != 1 and _digest(b)[7:9] == _digest(blobs[0])[7:9]}
+    assert wrong.exists() and _digest(stray) not in await metadata.content.sizes()

@@ -72,14 +72,37 @@ class Content:
         row = await self._db.fetchone("SELECT digest, size, media_type, kind FROM content WHERE digest=?", (digest,))
         return ContentRow(*row) if row else None
 
-    async def sizes(self) -> dict[str, int]:
-        """digest → bytes of everything with a row (for reconciliation)."""
-        return {d: int(s) for d, s in await self._db.fetchall("SELECT digest, size FROM content")}
+    async def count(self) -> int:
+        """How many objects have a row."""
+        row = await self._db.fetchone("SELECT count(*) FROM content")
+        return int(row[0]) if row else 0
+
+    async def sizes(self, shard: str | None = None) -> dict[str, int]:
+        """digest → bytes of everything with a row, or of the digests whose hex begins with the
+        two hex digits `shard` (for reconciliation, a shard at a time)."""
+        if shard is None:
+            return {d: int(s) for d, s in await self._db.fetchall("SELECT digest, size FROM content")}
+        low = "sha256:" + shard
+        rows = await self._db.fetchall("SELECT digest, size FROM content WHERE digest >= ? AND digest < ?",
+                                       (low, low + "g"))  # "g" sorts after every hex digit
+        return {d: int(s) for d, s in rows}
 
     async def usage(self) -> list[tuple[str, int, str, float]]:
         """(digest, size, kind, last_access) of everything cached, for eviction planning."""
         rows = await self._db.fetchall("SELECT digest, size, kind, last_access FROM content")
         return [(d, int(size), kind, float(at)) for d, size, kind, at in rows]
+
+    async def least_recently_used(self, after: tuple[float, str] | None, limit: int) -> list[tuple[str, int, float]]:
+        """(digest, size, last_access) of up to `limit` rows, least recently used first (then by
+        digest), after the row whose (last_access, digest) is `after`: a page of eviction candidates."""
+        if after is None:
+            rows = await self._db.fetchall(
+                "SELECT digest, size, last_access FROM content ORDER BY last_access, digest LIMIT ?", (limit,))
+        else:
+            rows = await self._db.fetchall(
+                "SELECT digest, size, last_access FROM content WHERE (last_access, digest) > (?, ?)"
+                " ORDER BY last_access, digest LIMIT ?", (*after, limit))
+        return [(d, int(size), float(at)) for d, size, at in rows]
 
     async def drop(self, digests: Iterable[str]) -> None:
         """Forget content that left the store, with everything that refers to it: links, tags
