@@ -3,13 +3,13 @@
 A CI farm resolving the same tags at once asks for one manifest thousands of times a second.
 Every answer the full path (`routes.manifest`) gives as a hit is kept here as the bytes of its
 HTTP response, keyed by everything in the request that can change it: the request target, the
-`Authorization` header and the `Accept` headers. Beside it the service's `fresh(now)`, which is
-true while the same request would get the same hit without asking upstream or the database
-(the tag's TTL, the access decision, the manifest in memory: see `ManifestService`), and what a
-hit does besides answering (access times, hit counts). The connection (`server.OciRequestHandler`)
+`Authorization` header and the `Accept` headers. Beside it the service's `again(now)`, true while
+the same request would get the same hit without asking upstream or the database (the tag's TTL,
+the access decision, the manifest in memory: see `ManifestService`), which also does what a hit
+does besides answering (access times, hit counts). The connection (`server.OciRequestHandler`)
 answers a request from here when it is idle, the request is whole in what it read, and nothing
-in it is outside what the key and `IGNORED` cover; anything else, and any answer that is no
-longer fresh, goes to aiohttp as before. Metrics and the access log count both paths alike.
+in it is outside what the key and `IGNORED` cover; anything else, and any hit that no longer
+stands, goes to aiohttp as before. Metrics and the access log count both paths alike.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from typing import Callable, Iterable, Mapping
 from aiohttp import web
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
-from cachetools import LRUCache
 
 from mirror.metrics import Metrics
 
@@ -38,7 +37,8 @@ IGNORED = frozenset((
     b"traceparent", b"tracestate",
 ))
 MEMORY_BYTES = 16 << 20
-WRITE_BUFFER_LIMIT = 1 << 20  # a client that does not read its answers gets aiohttp's flow control
+KNOWN_FIELDS = 4096  # header blocks whose keys are remembered (clients repeat theirs)
+WRITE_BUFFER_LIMIT = 1 << 20  # answers waiting to be sent, past which aiohttp's flow control takes over
 
 Key = tuple[bytes, bytes, tuple[bytes, ...]]  # target, Authorization, Accept headers
 
@@ -48,8 +48,7 @@ class HotAnswer:
     head: bytes  # status line and headers, up to the Date header
     body: bytes
     authorization: str | None
-    fresh: Callable[[float], bool]
-    served: Callable[[float], None]
+    again: Callable[[float], bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +62,8 @@ class Answered:
 
 
 class HotAnswers:
-    """The hits to answer at the connection, at most `memory_bytes` of them (least recently used go)."""
+    """The hits to answer at the connection, at most about `memory_bytes` of them (when more
+    come, all are dropped: each comes back with its next hit on the full path)."""
 
     def __init__(
         self, metrics: Metrics, clock: Callable[[], float], still_valid: Callable[[str | None], bool],
@@ -74,15 +74,18 @@ class HotAnswers:
         self._metrics = metrics
         self._clock = clock
         self._still_valid = still_valid
-        self._answers: LRUCache[Key, HotAnswer] = LRUCache(memory_bytes, getsizeof=_size)
+        self._memory_bytes = memory_bytes
+        self._answers: dict[Key, HotAnswer] = {}
+        self._bytes = 0
+        self._keys: dict[bytes, Key | None] = {}  # a request's header lines → its key
 
     def remember(
         self, request: web.BaseRequest, response: web.Response, added: Mapping[str, str],
-        fresh: Callable[[float], bool], served: Callable[[float], None],
+        again: Callable[[float], bool],
     ) -> None:
         """Keep a 200 the full path made, with the headers `added` as it is sent, if the same
-        request can be recognised at the connection; `served(now)` is called for each answer
-        given from here."""
+        request can be recognised at the connection. `again(now)` is asked before each answer
+        given from here: True if the hit stands (it then records what the hit does), else False."""
         key = _key_of(request)
         body = response.body
         if key is None or not isinstance(body, bytes) or response.status != 200:
@@ -90,39 +93,52 @@ class HotAnswers:
         fields = [*response.headers.items(), *added.items(), ("Content-Length", str(len(body))),
                   ("Server", SERVER_SOFTWARE)]
         head = "HTTP/1.1 200 OK\r\n" + "".join(f"{name}: {value}\r\n" for name, value in fields)
-        self._answers[key] = HotAnswer(head.encode("latin-1"), body, request.headers.get("Authorization"),
-                                       fresh, served)
+        if self._bytes + len(head) + len(body) > self._memory_bytes:
+            self._answers.clear()
+            self._bytes = 0
+        self._answers[key] = HotAnswer(head.encode("latin-1"), body, request.headers.get("Authorization"), again)
+        self._bytes += len(head) + len(body)
 
-    def answer(self, data: bytes) -> tuple[bytes, list[Answered], int]:
-        """The responses to the whole requests at the start of `data` that are fresh hits, what
-        they were, and how many bytes of `data` they took; the caller hands the rest to aiohttp."""
+    def answer(self, data: bytes, budget: int) -> tuple[bytes, list[Answered], int]:
+        """The responses to the whole requests at the start of `data` that are hits which still
+        stand, up to about `budget` bytes of them (one more answer at most), what they were, and
+        how many bytes of `data` they took; the caller hands the rest to aiohttp, which waits for a
+        client that does not read (a read of pipelined requests could otherwise ask for gigabytes)."""
         out: list[bytes] = []
         answered: list[Answered] = []
-        position = 0
+        position = size = 0
         now = self._clock()
-        while position < len(data):
+        while position < len(data) and size < budget:
             started = time.perf_counter()
             match = _REQUEST.match(data, position)
             if match is None:
                 break
             method, target, fields = match.groups()
-            key = _key(target, fields.split(b"\r\n")[:-1])
+            key = self._key(target, fields)
             hot = self._answers.get(key) if key is not None else None
-            if hot is None or not hot.fresh(now) or not self._still_valid(hot.authorization):
+            if hot is None or not self._still_valid(hot.authorization) or not hot.again(now):
                 break
             position = match.end()
-            hot.served(now)
             get = method == b"GET"
             out += (hot.head, b"Date: ", rfc822_formatted_time().encode(), b"\r\n\r\n")
+            size += len(hot.head)
             if get:
                 out.append(hot.body)
+                size += len(hot.body)
             seconds = time.perf_counter() - started
             self._metrics.count_request("manifest", method.decode(), "hit", seconds, len(hot.body) if get else None)
             answered.append(Answered(method.decode(), target.decode(), len(hot.body) if get else 0, seconds))
         return b"".join(out), answered, position
 
-    def clear(self) -> None:
-        self._answers.clear()
+    def _key(self, target: bytes, fields: bytes) -> Key | None:
+        """The key of a request with these header lines (worked out once per distinct lines)."""
+        try:
+            known = self._keys[fields]
+        except KeyError:
+            if len(self._keys) >= KNOWN_FIELDS:
+                self._keys.clear()
+            known = self._keys[fields] = _key(b"", fields.split(b"\r\n")[:-1])
+        return None if known is None else (target, known[1], known[2])
 
 
 HOT = web.AppKey("hot_answers", HotAnswers)
@@ -166,6 +182,3 @@ def _key(target: bytes, fields: Iterable[bytes]) -> Key | None:
             return None  # If-None-Match, Range, Connection: close, a second Authorization, …
     return target, authorization or b"", tuple(accept)
 
-
-def _size(hot: HotAnswer) -> int:
-    return len(hot.head) + len(hot.body)

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from datetime import datetime, timezone
-from typing import TextIO
+from typing import Callable, TextIO
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -120,21 +120,25 @@ class AccessLogger(AbstractAccessLogger):
         """One line; `from_worker`: the secondary worker that handed the request over."""
         if not self.logger.isEnabledFor(logging.INFO):
             return
-        fields: dict[str, object] = {
-            "remote": remote, "method": method, "path": path[:300], "status": status, "bytes": body_bytes,
-            "duration": round(seconds, 6), "result": result,
-        }
-        message = f"{remote} {method} {fields['path']} {status} {body_bytes} {seconds:.3f}s {result}"
-        if self.worker is not None:
-            fields["worker"] = self.worker
-            message += f" worker {self.worker}"
-            if from_worker is not None:
-                fields["from_worker"] = from_worker
-                message += f" from {from_worker}"
+        path = path[:300]
+        worker = self.worker
+        message = f"{remote} {method} {path} {status} {body_bytes} {seconds:.3f}s {result}"
+        if worker is not None:
+            message += f" worker {worker}" if from_worker is None else f" worker {worker} from {from_worker}"
+
+        def fields() -> dict[str, object]:  # built only for a JSON log
+            made: dict[str, object] = {"remote": remote, "method": method, "path": path, "status": status,
+                                       "bytes": body_bytes, "duration": round(seconds, 6), "result": result}
+            if worker is not None:
+                made["worker"] = worker
+                if from_worker is not None:
+                    made["from_worker"] = from_worker
+            return made
+
         if _access_sink is not None:
             _access_sink.write_access(message, fields)
         else:
-            self.logger.info("%s", message, extra={"access": fields})
+            self.logger.info("%s", message, extra={"access": fields()})
 
     @classmethod
     def for_worker(cls, index: int) -> type[AccessLogger]:
@@ -155,9 +159,9 @@ class JsonFormatter(logging.Formatter):
             entry["stack"] = self.formatStack(record.stack_info)
         return json.dumps(entry, default=str, ensure_ascii=False)
 
-    def access_line(self, created: float, message: str, fields: dict[str, object]) -> str:
+    def access_line(self, created: float, message: str, fields: Callable[[], dict[str, object]]) -> str:
         """What `format` makes of an access-log record, without the record."""
-        return json.dumps({**self._entry(created, "INFO", ACCESS_LOGGER, message), **fields},
+        return json.dumps({**self._entry(created, "INFO", ACCESS_LOGGER, message), **fields()},
                           default=str, ensure_ascii=False)
 
     @staticmethod
@@ -180,8 +184,8 @@ class PlainFormatter(logging.Formatter):
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return self._time(record.created)
 
-    def access_line(self, created: float, message: str, fields: dict[str, object]) -> str:
-        """What `format` makes of an access-log record, without the record."""
+    def access_line(self, created: float, message: str, fields: Callable[[], dict[str, object]]) -> str:
+        """What `format` makes of an access-log record, without the record (`fields` unused)."""
         return f"{self._time(created)} INFO {ACCESS_LOGGER}: {message}"
 
     def _time(self, created: float) -> str:
@@ -216,7 +220,7 @@ class BatchingHandler(logging.Handler):
         if record.levelno >= logging.WARNING or len(self._lines) >= self.max_lines:
             self.flush()
 
-    def write_access(self, message: str, fields: dict[str, object]) -> None:
+    def write_access(self, message: str, fields: Callable[[], dict[str, object]]) -> None:
         """An access-log line, formatted as the record would be, without the logging machinery
         (a LogRecord and its handling cost a quarter of a cached manifest request)."""
         formatter = self.formatter

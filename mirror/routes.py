@@ -85,14 +85,16 @@ async def manifest(request: web.Request) -> web.StreamResponse:
     request[RESULT] = answer.result
     _count_hit(request, upstream, repo)
     response = documents.manifest(request, answer)
-    if answer.fresh is not None and (hot := request.app.get(HOT)) is not None:
-        svc = _services(request)
+    if (again := answer.again) is not None and (hot := request.app.get(HOT)) is not None:
+        stats = _services(request).manifests.metadata.stats
 
-        def served(now: float) -> None:  # what a hit does besides answering, when the connection answers it
-            svc.manifests.touch(answer.digest, now)
-            svc.manifests.metadata.stats.count_hit(upstream.name, repo)
+        def hit_again(now: float) -> bool:  # the same hit, answered by the connection
+            if not again(now):
+                return False
+            stats.count_hit(upstream.name, repo)
+            return True
 
-        hot.remember(request, response, registry_headers(request), answer.fresh, served)
+        hot.remember(request, response, registry_headers(request), hit_again)
     return response
 
 

@@ -53,9 +53,9 @@ class OciRequestHandler(RequestHandler):
         if hot is None or not self._idle():
             self._hand_over(data)
             return
-        out, answered, used = hot.answer(data)
+        assert self.transport is not None
+        out, answered, used = hot.answer(data, WRITE_BUFFER_LIMIT - self.transport.get_write_buffer_size())
         if answered:
-            assert self.transport is not None
             self.transport.write(out)
             self._answered(answered)
         if used < len(data):
@@ -65,7 +65,7 @@ class OciRequestHandler(RequestHandler):
         """Waiting for a request, with nothing of one read: an answer written now comes in order."""
         waiter = self._waiter
         return (waiter is not None and not waiter.done() and not self._messages and not self._close
-                and self.transport is not None and self.transport.get_write_buffer_size() < WRITE_BUFFER_LIMIT)
+                and self.transport is not None)
 
     def _hand_over(self, data: bytes) -> None:
         """Give `data` to aiohttp. Unless it is whole requests without bodies, its parser may now

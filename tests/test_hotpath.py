@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from mirror import server
 from mirror.adminapi import ADMIN
 from mirror.proxy.manifests import ManifestService
 from tests.conftest import TAG_TTL, Mirror
@@ -240,6 +241,24 @@ async def test_pipelined_requests_are_answered_in_order_whoever_answers(
     assert answers[0][2] == answers[4][2] == image.body
     assert answers[1][2] == image.layers[0]
     assert answers[2][1]["docker-content-digest"] == image.digest
+
+
+async def test_a_client_that_pipelines_more_than_it_reads_is_left_to_flow_control(
+    mirror: Mirror, image: Image, full: FullPath, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Answers from memory stop at the write buffer's limit (here: after one); aiohttp answers
+    the rest as the client reads."""
+    await _warm(mirror, TAG)
+    monkeypatch.setattr(server, "WRITE_BUFFER_LIMIT", 1)
+    calls = full.calls
+    reader, writer = await _connection(mirror)
+    try:
+        writer.write(_request("GET", TAG) * 20)
+        answers = [await _read(reader, "GET") for _ in range(20)]
+    finally:
+        writer.close()
+    assert all(a[0] == 200 and a[2] == image.body for a in answers)
+    assert full.calls == calls + 19
 
 
 async def test_a_request_sent_while_another_is_answered_waits_its_turn(

@@ -184,7 +184,7 @@ def test_access_lines_written_directly_match_what_logging_would_write(formatter:
                                     "access": fields})
     record.created = 1_800_000_000.123456
     record.msecs = int((record.created - int(record.created)) * 1000) + 0.0
-    assert formatter.access_line(record.created, record.getMessage(), fields) == formatter.format(record)  # type: ignore[attr-defined]
+    assert formatter.access_line(record.created, record.getMessage(), lambda: fields) == formatter.format(record)  # type: ignore[attr-defined]
 
 
 def test_batched_lines_are_written_within_the_delay() -> None:

@@ -85,12 +85,16 @@ class AccessPolicy:
                 known = self._decisions[key] = Decision(*row)
         return known
 
-    def still_allows(self, upstream: Upstream, repo: str, principal: Principal, now: float) -> bool:
-        """Whether `ensure` would let `principal` read `repo` at `now` from what is in memory alone."""
+    def still_allows(self, upstream: Upstream, repo: str, principal: Principal) -> Callable[[float], bool]:
+        """Whether `ensure` would let `principal` read `repo` at a time, from what is in memory alone
+        (the same decision as now, not expired): a test to repeat, with what it needs looked up once."""
         if principal.client is None and upstream.config.share_with_anonymous:
-            return True
-        known = self._decisions.get((upstream.name, repo, principal.name))
-        return known is not None and known.allowed and now - known.at < upstream.config.access_ttl
+            return lambda now: True
+        key, ttl = (upstream.name, repo, principal.name), upstream.config.access_ttl
+        decision = self._decisions.get(key)
+        if decision is None or not decision.allowed:
+            return lambda now: False
+        return lambda now: now - decision.at < ttl and self._decisions.get(key) is decision
 
     async def learn(self, upstream: Upstream, repo: str, principal: Principal, error: UpstreamError | None) -> None:
         """Learn from an upstream answer to a request made with the principal's own credentials."""

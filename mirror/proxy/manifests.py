@@ -53,19 +53,20 @@ class CachedManifest:
 class Answer:
     """What to send, and how we got it (hit, miss, stale).
 
-    A hit has `fresh(now)`: whether the same request by the same principal would get the same hit
-    at `now` without asking upstream or the database (see mirror.hotpath).
+    A hit has `again(now)`: if the same request by the same principal would get the same hit at
+    `now` without asking upstream or the database, it records what that hit does (its image's
+    access times) and returns True; otherwise False (see mirror.hotpath).
     """
 
     digest: str
     media_type: str
     body: bytes
     result: str
-    fresh: Callable[[float], bool] | None = None
+    again: Callable[[float], bool] | None = None
 
 
-def _answer(m: CachedManifest, result: str, fresh: Callable[[float], bool] | None = None) -> Answer:
-    return Answer(m.digest, m.media_type, m.body, result, fresh)
+def _answer(m: CachedManifest, result: str, again: Callable[[float], bool] | None = None) -> Answer:
+    return Answer(m.digest, m.media_type, m.body, result, again)
 
 
 def accepts(accept_headers: Iterable[str], media_type: str) -> bool:
@@ -119,22 +120,24 @@ class ManifestService:
     async def _touch_image(self, digest: str) -> None:
         """Bump every part of the image, so its parts age together and are evicted whole."""
         now = self.clock()
-        if not self.touch(digest, now):
+        known = self._parts.get(digest)
+        if known is None or (known[1] is not None and now > known[1]):
             found, complete = await self._flights.do(("parts", digest),
                                                      lambda: image_parts(self.metadata, self.store, digest))
-            self._parts[digest] = (tuple(found), None if complete else now + PARTS_RECHECK)
-            self.touch(digest, now)
+            known = self._parts[digest] = (tuple(found), None if complete else now + PARTS_RECHECK)
+        self.metadata.content.touch(known[0], now)
 
-    def touch(self, digest: str, now: float) -> bool:
-        """Bump the image's parts if they are known and current; False if they must be looked up."""
-        if not self._parts_current(digest, now):
-            return False
-        self.metadata.content.touch(self._parts[digest][0], now)
-        return True
-
-    def _parts_current(self, digest: str, now: float) -> bool:
-        known = self._parts.get(digest)
-        return known is not None and (known[1] is None or now <= known[1])
+    def _again(self, digest: str, still: Callable[[float], bool]) -> Callable[[float], bool]:
+        """A hit's `again`: the manifest still in memory, its image's parts known and current, and
+        `still(now)` (what else the hit depended on)."""
+        def again(now: float) -> bool:
+            known = self._parts.get(digest)
+            if (known is None or (known[1] is not None and now > known[1]) or digest not in self._memory
+                    or not still(now)):
+                return False
+            self.metadata.content.touch(known[0], now)
+            return True
+        return again
 
     def forget(self, digests: list[str]) -> None:
         """Evicted content leaves the in-memory caches too."""
@@ -158,9 +161,9 @@ class ManifestService:
             if not await self.metadata.links.contains(upstream.name, repo, digest):
                 await upstream.head_manifest(repo, digest, ACCEPT_ALL, principal.upstream)
                 await self.metadata.links.add(upstream.name, repo, [digest])
-            return _answer(cached, "hit", lambda now: digest in self._memory and self._parts_current(digest, now)
-                           and self.metadata.links.known(upstream.name, repo, digest)
-                           and self.access.still_allows(upstream, repo, principal, now))
+            allows = self.access.still_allows(upstream, repo, principal)
+            return _answer(cached, "hit", self._again(digest, lambda now: allows(now)
+                                                      and self.metadata.links.known(upstream.name, repo, digest)))
         if not principal.fetches_as_itself:
             await self._allow(upstream, repo, principal, digest)
         fetched = await self.access.observe(upstream, repo, principal, self._flights.do(
@@ -243,10 +246,9 @@ class ManifestService:
         cached = await self._load(row.digest) if row else None
         if row and cached and self.clock() < row.expires_at:
             await self._allow(upstream, repo, principal, cached.digest)
-            return _answer(cached, "hit", lambda now: now < row.expires_at
-                           and self.metadata.tags.cached(upstream.name, repo, tag) is row
-                           and row.digest in self._memory and self._parts_current(row.digest, now)
-                           and self.access.still_allows(upstream, repo, principal, now))
+            allows = self.access.still_allows(upstream, repo, principal)
+            return _answer(cached, "hit", self._again(row.digest, lambda now: now < row.expires_at and allows(now)
+                                                      and self.metadata.tags.cached(upstream.name, repo, tag) is row))
         # One deadline for the whole answer (access check, revalidation, access check again):
         # a cached tag goes out by it; a tag the cache lacks waits for upstream.
         deadline = revalidation_deadline(upstream)
