@@ -1,12 +1,7 @@
 """Keeps the cache under its size cap: least-recently-used content goes first, pinned never.
 
 Serving a manifest bumps the access time of every part of its image, so an
-image's parts share one access time and leave together, whole, and a part several
-images share is as recent as the latest of them: content taken least recently
-used first, a whole access time at a time, is taken an image at a time (an index
-with its images), and a shared base layer goes with the last image that uses it.
-That order is read from the database's index a page at a time, so a pass costs
-what it removes, not what the cache holds. Stored content
+image's parts share one access time and leave together, whole. Stored content
 and the temp files of running fetches count against the cap (the high mark):
 crossing it, by a new row or by a fetch's write, wakes eviction at once, which
 removes content down to the low mark, in batches, off the request path. A file
@@ -35,7 +30,6 @@ log = logging.getLogger("mirror.eviction")
 
 LOW_MARK = 0.9
 CHECK_EVERY = 2.0
-PAGE = 2000  # eviction candidates read per query
 
 
 def cap_bytes(max_size: str, data_dir: Path) -> int:
@@ -92,6 +86,7 @@ class Evictor:
         # after a pass found nothing more to remove: how far past the cap writes may go before
         # they ask for another pass (not one per batch); new rows, which can go, still ask at once
         self._slack = 0
+        self._children: dict[str, list[str]] = {}  # manifest → what it references (bodies never change)
         self._reserved = 0  # bytes of the blob being committed, until its row counts them
         self._lock = asyncio.Lock()
         self._committing = asyncio.Lock()
@@ -178,17 +173,26 @@ class Evictor:
         if self.used() <= cap and not force:
             self._slack = 0
             return 0, 0
-        await self.metadata.flush()  # access times kept in memory count
+        await self.metadata.flush()
         pinned = await pinned_digests(self.metadata, self.store)
+        plan = await asyncio.to_thread(plan_images, await self.metadata.content.usage(), self.store, self._children)
+        self._children = plan.children
         if self.used() <= cap and not force:
             self._slack = 0
             return 0, 0  # what asked was a blob counted twice for a moment, or a purge came first
         target = int(min(cap, self.used()) * LOW_MARK)
+        units = iter(plan)
         removed = freed = 0
-        after: tuple[float, str] | None = None
         # batches as large as the excess, each one transaction; fetches writing meanwhile add a batch
         while (excess := self.used() - target) > 0:
-            batch, size, after = await self.choose(excess, pinned, after)
+            batch: list[str] = []
+            size = 0
+            for unit in units:
+                chosen = [d for d in unit.release() if d not in pinned]
+                batch += chosen
+                size += sum(plan.sizes[d] for d in chosen)
+                if size >= excess:
+                    break
             if not batch:
                 break
             await self.remove(batch)
@@ -207,28 +211,6 @@ class Evictor:
         else:
             self._slack = 0
         return removed, freed
-
-    async def choose(
-        self, excess: int, pinned: set[str], after: tuple[float, str] | None = None,
-    ) -> tuple[list[str], int, tuple[float, str] | None]:
-        """Unpinned content least recently used first, from past `after`, until `excess` bytes and
-        the rest of the last access time taken (one image's parts leave together): (digests,
-        their bytes, where the next batch starts)."""
-        batch: list[str] = []
-        size = 0
-        last: float | None = None
-        while True:
-            page = await self.metadata.content.least_recently_used(after, PAGE)
-            for digest, nbytes, at in page:
-                if size >= excess and at != last:
-                    return batch, size, after
-                after = (at, digest)
-                if digest not in pinned:
-                    batch.append(digest)
-                    size += nbytes
-                    last = at
-            if len(page) < PAGE:
-                return batch, size, after
 
     async def remove(self, digests: list[str]) -> None:
         """Drop content: rows first (nothing then points at a file about to go), then files."""
@@ -259,29 +241,37 @@ class Unit:
 
 
 class Plan(list[Unit]):
-    """Units in order of last use (least recent first), with every object's size (bytes)."""
+    """Units in eviction order (least recently used first), with every object's size (bytes) and
+    what each stored manifest references (cached or not), for the next plan."""
 
     sizes: dict[str, int]
+    children: dict[str, list[str]]
 
 
-def plan_images(rows: list[tuple[str, int, str, float]], store: ContentStore) -> Plan:
-    """Group cached content into images and order them by when any of their manifests was last
-    served (for `mirror cache purge`, which removes images whole by what they reference).
+def plan_images(rows: list[tuple[str, int, str, float]], store: ContentStore,
+                known: dict[str, list[str]] | None = None) -> Plan:
+    """Group cached content into images and order them by when any of their manifests was last served.
 
-    `rows` are `Metadata.content_usage()`. A part shared by several images (a base layer) goes
-    only with the last of them.
+    `rows` are `Metadata.content_usage()`; `known` is a previous plan's `children`: manifests
+    found there are not read and parsed again (most of the cost with many objects). A part
+    shared by several images (a base layer) goes only with the last of them.
     """
+    known = known or {}
     kinds = {d: kind for d, _size, kind, _at in rows}
     access = {d: at for d, _size, _kind, at in rows}
     read: dict[str, list[str]] = {}
     for digest, kind in kinds.items():
-        if kind == "manifest" and (body := store.read(digest)) is not None:
-            read[digest] = referenced_digests(body)
+        if kind == "manifest":
+            if (refs := known.get(digest)) is None and (body := store.read(digest)) is not None:
+                refs = referenced_digests(body)
+            if refs is not None:
+                read[digest] = refs
     children = {d: [c for c in refs if c in kinds] for d, refs in read.items()}
     referenced = {c for refs in children.values() for c in refs}
     refcount = dict.fromkeys(kinds, 0)
     plan = Plan()
     plan.sizes = {d: size for d, size, _kind, _at in rows}
+    plan.children = read
     for root in (d for d in kinds if d not in referenced):
         closure, todo = set(), [root]
         while todo:

@@ -4,6 +4,7 @@ plus what the running fetches are writing."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from pathlib import Path
 
@@ -12,24 +13,23 @@ import pytest
 from mirror.adminapi import ADMIN
 from mirror.app import make_app
 from mirror.cache import eviction
-from mirror.cache.eviction import Evictor, cap_bytes
+from mirror.cache.eviction import Evictor, cap_bytes, plan_images
+from mirror.storage.filestore import FileStore
 from tests.conftest import FakeClock, Mirror, after_local_eviction, mirror_config
-from tests.fakes.registry import FakeRegistry, Image
+from tests.fakes.registry import OCI_MANIFEST, FakeRegistry, Image, digest_of
 from tests.proxy.test_manifests import ACCEPT
 
 CAP = 1_000_000
 LAYER = 100_000
 
 
-@pytest.fixture(params=[eviction.PAGE, 1], ids=["candidates in pages", "one candidate per page"])
+@pytest.fixture
 async def small_mirror(aiohttp_client, fake_registry: FakeRegistry, tmp_path: Path,  # type: ignore[no-untyped-def]
-                       monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Mirror:
-    """A mirror whose cache holds about four of the two-layer test images (cap 1 MB), reading
-    eviction candidates in pages as shipped, or one at a time (every page boundary crossed).
+                       monkeypatch: pytest.MonkeyPatch) -> Mirror:
+    """A mirror whose cache holds about four of the two-layer test images (cap 1 MB).
 
     Its eviction timer never fires during a test: only writes can start an eviction."""
     monkeypatch.setattr(eviction, "CHECK_EVERY", 3600.0)
-    monkeypatch.setattr(eviction, "PAGE", request.param)
     assert fake_registry.url
     clock = FakeClock()
     app = make_app(mirror_config(fake_registry.url, tmp_path / "data", max_size="1MB"), clock=clock)
@@ -329,3 +329,23 @@ async def test_with_all_else_pinned_writes_past_the_cap_do_not_plan_a_pass_each(
     assert all(cached(small_mirror, image) == {True} for image in images)
     assert small_mirror.services.blobs.store.size(digest) is None
     assert metadata.content.size <= CAP
+
+
+def test_a_plan_reads_each_manifest_once(tmp_path: Path) -> None:
+    """Manifests never change: the next plan takes what they reference from the last one."""
+    store = FileStore(tmp_path)
+    store.prepare()
+    layers = ["sha256:" + f"{n:064x}" for n in range(2)]
+    body = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {"digest": layers[0], "size": 1},
+                       "layers": [{"digest": layers[1], "size": 1}]}).encode()
+    manifest = digest_of(body)
+    store.put(manifest, body)
+    rows = [(manifest, len(body), "manifest", 2.0), (layers[0], 1, "blob", 1.0), (layers[1], 1, "blob", 1.0)]
+    first = plan_images(rows, store)
+
+    class Unreadable(FileStore):
+        def read(self, digest: str) -> bytes | None:
+            raise AssertionError(f"{digest} read again")
+
+    second = plan_images(rows, Unreadable(tmp_path), first.children)
+    assert [u.closure for u in second] == [u.closure for u in first] == [{manifest, *layers}]

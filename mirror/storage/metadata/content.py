@@ -92,18 +92,6 @@ class Content:
         rows = await self._db.fetchall("SELECT digest, size, kind, last_access FROM content")
         return [(d, int(size), kind, float(at)) for d, size, kind, at in rows]
 
-    async def least_recently_used(self, after: tuple[float, str] | None, limit: int) -> list[tuple[str, int, float]]:
-        """(digest, size, last_access) of up to `limit` rows, least recently used first (then by
-        digest), after the row whose (last_access, digest) is `after`: a page of eviction candidates."""
-        if after is None:
-            rows = await self._db.fetchall(
-                "SELECT digest, size, last_access FROM content ORDER BY last_access, digest LIMIT ?", (limit,))
-        else:
-            rows = await self._db.fetchall(
-                "SELECT digest, size, last_access FROM content WHERE (last_access, digest) > (?, ?)"
-                " ORDER BY last_access, digest LIMIT ?", (*after, limit))
-        return [(d, int(size), float(at)) for d, size, at in rows]
-
     async def drop(self, digests: Iterable[str]) -> None:
         """Forget content that left the store, with everything that refers to it: links, tags
         pointing at it, a manifest's descriptors. Cached tags and links are the caller's to forget."""

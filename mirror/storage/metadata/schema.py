@@ -25,8 +25,6 @@ CREATE TABLE IF NOT EXISTS content (
     last_access REAL NOT NULL,
     pinned INTEGER NOT NULL DEFAULT 0
 );
--- eviction reads content least recently used first (an index only: no version change)
-CREATE INDEX IF NOT EXISTS content_last_use ON content (last_access, digest);
 CREATE TABLE IF NOT EXISTS tags (
     upstream TEXT NOT NULL,
     repo TEXT NOT NULL,
