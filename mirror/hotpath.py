@@ -37,10 +37,11 @@ IGNORED = frozenset((
     b"traceparent", b"tracestate",
 ))
 MEMORY_BYTES = 16 << 20
-KNOWN_FIELDS = 4096  # header blocks whose keys are remembered (clients repeat theirs)
+KNOWN_FIELDS = 4096  # header blocks whose `Varies` are remembered (clients repeat theirs)
 WRITE_BUFFER_LIMIT = 1 << 20  # answers waiting to be sent, past which aiohttp's flow control takes over
 
-Key = tuple[bytes, bytes, tuple[bytes, ...]]  # target, Authorization, Accept headers
+Varies = tuple[bytes, tuple[bytes, ...]]  # what of a request's headers its answer depends on: Authorization, Accept
+Key = tuple[bytes, Varies]  # the request target, and that
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +78,7 @@ class HotAnswers:
         self._memory_bytes = memory_bytes
         self._answers: dict[Key, HotAnswer] = {}
         self._bytes = 0
-        self._keys: dict[bytes, Key | None] = {}  # a request's header lines → its key
+        self._varies: dict[bytes, Varies | None] = {}  # a request's header lines → what its answer depends on
 
     def remember(
         self, request: web.BaseRequest, response: web.Response, added: Mapping[str, str],
@@ -133,12 +134,13 @@ class HotAnswers:
     def _key(self, target: bytes, fields: bytes) -> Key | None:
         """The key of a request with these header lines (worked out once per distinct lines)."""
         try:
-            known = self._keys[fields]
+            varies = self._varies[fields]
         except KeyError:
-            if len(self._keys) >= KNOWN_FIELDS:
-                self._keys.clear()
-            known = self._keys[fields] = _key(b"", fields.split(b"\r\n")[:-1])
-        return None if known is None else (target, known[1], known[2])
+            if len(self._varies) >= KNOWN_FIELDS:
+                self._varies.clear()
+            lines = fields.split(b"\r\n")[:-1]
+            varies = self._varies[fields] = _varies((name, value) for name, _, value in (line.partition(b":") for line in lines))
+        return None if varies is None else (target, varies)
 
 
 HOT = web.AppKey("hot_answers", HotAnswers)
@@ -163,15 +165,17 @@ def _key_of(request: web.BaseRequest) -> Key | None:
         target = request.raw_path.encode("ascii")
     except UnicodeEncodeError:
         return None
-    return _key(target, (name + b": " + value for name, value in request.raw_headers))
+    varies = _varies(request.raw_headers)
+    return None if varies is None else (target, varies)
 
 
-def _key(target: bytes, fields: Iterable[bytes]) -> Key | None:
+def _varies(fields: Iterable[tuple[bytes, bytes]]) -> Varies | None:
+    """The `Authorization` and `Accept` values among (name, value) header fields; None if a field
+    is neither, nor `Connection: keep-alive`, nor IGNORED."""
     authorization: bytes | None = None
     accept: list[bytes] = []
-    for field in fields:
-        name, _, value = field.partition(b":")
-        name, value = name.lower(), value.strip(b" \t")
+    for raw_name, raw_value in fields:
+        name, value = raw_name.lower(), raw_value.strip(b" \t")
         if name == b"accept":
             accept.append(value)
         elif name == b"authorization" and authorization is None:
@@ -180,5 +184,5 @@ def _key(target: bytes, fields: Iterable[bytes]) -> Key | None:
             continue
         elif name not in IGNORED:
             return None  # If-None-Match, Range, Connection: close, a second Authorization, …
-    return target, authorization or b"", tuple(accept)
+    return authorization or b"", tuple(accept)
 

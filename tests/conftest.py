@@ -81,9 +81,9 @@ def aiohttp_client(aiohttp_client: Any) -> Any:
     client is handed over once its start-up reconciliation (which runs beside serving) is done,
     so that what a test does to the store is not reconciled away under it."""
     async def client(served: Any, **kwargs: Any) -> TestClient:
-        app = served if isinstance(served, web.Application) else getattr(served, "app", None)
-        made = await aiohttp_client(ProductionServer(served) if isinstance(served, web.Application) else served, **kwargs)
-        if isinstance(app, web.Application) and RECONCILED in app:
+        server = ProductionServer(served) if isinstance(served, web.Application) else served
+        made = await aiohttp_client(server, **kwargs)
+        if isinstance(app := getattr(server, "app", None), web.Application) and RECONCILED in app:
             await app[RECONCILED].wait()
         return made
     return client

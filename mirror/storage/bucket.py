@@ -221,9 +221,9 @@ class Bucket:
 
     async def upload_bytes(self, digest: str, data: bytes) -> None:
         """Publish small verified content (a manifest) with one PUT; raises BucketError."""
-        async def whole(_offset: int, _length: int) -> AsyncIterator[bytes]:
+        async def whole() -> AsyncIterator[bytes]:
             yield data
-        await self._put(self._presign("put_object", Key=self.key(digest)), len(data), lambda: whole(0, len(data)), "put")
+        await self._put(self._presign("put_object", Key=self.key(digest)), len(data), whole, "put")
 
     async def mark_used(self, digest: str) -> None:
         """Say that a replica uses the content of `digest` now (eviction spares what is in use); raises BucketError."""
