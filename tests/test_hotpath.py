@@ -61,11 +61,12 @@ async def _warm(mirror: Mirror, path: str, **headers: str) -> Response:
     return await _get(mirror, path, **headers)
 
 
-@pytest.mark.parametrize("ref", ["tag", "digest"])
+@pytest.mark.parametrize("ref", ["tag", "digest", "tag?ns=docker.io"])
 async def test_a_repeated_hit_is_answered_at_the_connection_with_the_same_bytes(
     mirror: Mirror, image: Image, full: FullPath, ref: str
 ) -> None:
-    path = TAG if ref == "tag" else f"/v2/library/app/manifests/{image.digest}"
+    """By tag, by digest, and as containerd asks a mirror (`?ns=` names the registry)."""
+    path = {"tag": TAG, "digest": f"/v2/library/app/manifests/{image.digest}", "tag?ns=docker.io": f"{TAG}?ns=docker.io"}[ref]
     slow = await _warm(mirror, path)
     assert slow[0] == 200 and slow[2] == image.body and slow[1]["x-mirror-cache"] == "hit"
     calls = full.calls
